@@ -1,0 +1,5 @@
+"""`fucina train` commands (being written)."""
+
+
+def register(subparsers) -> None:
+    subparsers.add_parser("train", help="(not yet available)")
