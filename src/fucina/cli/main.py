@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "fucina.cli.model",
     "fucina.cli.train",
     "fucina.cli.demo",
+    "fucina.cli.eval",
 ]
 
 
