@@ -1,0 +1,215 @@
+"""Text generation with a KV cache: prefill the prompt once, then one token per step.
+
+Design choices:
+- Batches of prompts of different lengths are left-padded; the cache masks the padding and counts each
+  row's positions from its first real token, so every row produces what it would produce alone.
+- Sampling follows Hugging Face's order: repetition penalty (over prompt and generated tokens) ->
+  temperature -> top-k -> top-p -> draw. `greedy` (or temperature 0) takes the argmax instead.
+- Randomness comes from one torch.Generator seeded with `seed`, so a seeded run repeats exactly; without
+  a seed torch's global generator is used.
+- A stop token ends its row and is NOT included in the output; `max_new_tokens` caps the output; a row
+  also stops when its sequence fills the model's context (never an error: generation just ends there).
+  A prompt longer than the context raises FucinaError.
+- Everything runs under torch.inference_mode, the model in eval mode (restored afterwards). The only
+  host synchronisation is the "is every row finished?" check: every step on CPU, every 8 steps on a GPU
+  so the host can queue kernels ahead of the device (`stream` must sync per token to yield it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from fucina.errors import ConfigError, FucinaError
+from fucina.model.cache import KVCache
+from fucina.model.transformer import Transformer
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token (see the module docstring for the order they apply in)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL / HF rule)
+    stop_token_ids: tuple[int, ...] | list[int] = ()
+    seed: int | None = None
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"sampling.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling.top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"sampling.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+def _penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive / multiply negative logits of already seen tokens by `penalty`."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    drop_sorted = (
+        sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+    )  # the more likely ones already reach top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_next_tokens(
+    logits: torch.Tensor,
+    sampling: SamplingConfig,
+    seen: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab); `seen` (B, vocab) marks past tokens."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0 and seen is not None:
+        logits = _penalise_repeats(logits, seen, sampling.repetition_penalty)
+    if sampling.is_greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.size(-1):
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        logits = _filter_top_p(logits, sampling.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class _Decoding:
+    """State of one batched generation: the cache, the per-row budgets and which rows still run."""
+
+    def __init__(self, model: Transformer, prompts: list[list[int]], sampling: SamplingConfig):
+        if not prompts:
+            raise FucinaError("generate needs at least one prompt")
+        context = model.config.context_length
+        for index, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise FucinaError(f"prompt {index} is empty: give at least one token (e.g. BOS)")
+            if len(prompt) > context:
+                raise FucinaError(
+                    f"prompt {index} has {len(prompt)} tokens but the model's context is {context}"
+                )
+            if min(prompt) < 0 or max(prompt) >= model.config.vocab_size:
+                raise FucinaError(
+                    f"prompt {index} holds token ids outside the model's vocabulary 0..{model.config.vocab_size - 1}"
+                )
+        self.model = model
+        self.sampling = sampling
+        device = model.token_embedding.weight.device
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        pad_lengths = [longest - n for n in lengths]
+        # Each row may produce tokens until its own sequence fills the context.
+        self.budgets = [min(sampling.max_new_tokens, context - n) for n in lengths]
+        self.steps = max(self.budgets)
+        self.budget_tensor = torch.tensor(self.budgets, device=device)
+        ids = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, pad_lengths[row] :] = torch.tensor(prompt, dtype=torch.long)
+        self.prompt_ids = ids.to(device)
+        self.cache: KVCache = model.new_cache(
+            len(prompts), max_length=longest + max(self.steps - 1, 0), pad_lengths=pad_lengths
+        )
+        self.seen = None
+        if sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool, device=device)
+            for row, prompt in enumerate(prompts):
+                self.seen[row, torch.tensor(prompt, device=device)] = True
+        self.generator = None
+        if sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
+        self.running = self.budget_tensor > 0
+        self.produced = 0
+
+    def step(self, previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the prompt (first call) or the previous tokens; return (next tokens (B,), emitted (B,))."""
+        inputs = self.prompt_ids if previous is None else previous.unsqueeze(1)
+        logits = self.model(inputs, self.cache, last_only=True)[:, -1]  # (B, vocab)
+        tokens = choose_next_tokens(logits, self.sampling, self.seen, self.generator)
+        if self.seen is not None:
+            self.seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
+        emitted = self.running & ~torch.isin(tokens, self.stop_ids)  # a stop token is not output
+        self.produced += 1
+        self.running = emitted & (self.budget_tensor > self.produced)
+        return tokens, emitted
+
+
+def _steps(
+    model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, check_every: int = 1
+) -> Iterator[tuple]:
+    """Yield (tokens, emitted) per step until every row has finished (checked every `check_every`)."""
+    with torch.inference_mode():
+        decoding = _Decoding(model, prompts, sampling)
+    tokens = None
+    for step in range(decoding.steps):
+        with torch.inference_mode():  # entered per step: the caller's code between yields runs normally
+            tokens, emitted = decoding.step(tokens)
+        yield tokens, emitted
+        if (step + 1) % check_every == 0 and not bool(decoding.running.any()):
+            return
+
+
+def generate(
+    model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, check_every: int | None = None
+) -> list[list[int]]:
+    """The new tokens for each prompt (stop tokens excluded), generated as one left-padded batch.
+
+    `check_every`: steps between "has every row finished?" checks (default 1 on CPU, 8 on GPU).
+    """
+    was_training = model.training
+    model.eval()
+    if check_every is None:
+        # On a GPU, asking after every token would make the host wait for the device each step;
+        # checking every few steps lets it queue work ahead (rows that stopped are trimmed below).
+        check_every = 1 if model.token_embedding.weight.device.type == "cpu" else 8
+    try:
+        columns = list(_steps(model, prompts, sampling, check_every))
+    finally:
+        model.train(was_training)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    if not columns:
+        return outputs
+    tokens = torch.stack([t for t, _ in columns], dim=1).tolist()  # (B, steps)
+    emitted = torch.stack([e for _, e in columns], dim=1).tolist()
+    for row in range(len(prompts)):
+        for token, keep in zip(tokens[row], emitted[row]):
+            if not keep:
+                break
+            outputs[row].append(token)
+    return outputs
+
+
+def stream(model: Transformer, prompt: list[int], sampling: SamplingConfig) -> Iterator[int]:
+    """Yield the new token ids of one prompt as they are produced (stop token excluded)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for tokens, emitted in _steps(model, [prompt], sampling):
+            if not bool(emitted[0]):
+                return
+            yield int(tokens[0])
+    finally:
+        model.train(was_training)

@@ -1,0 +1,134 @@
+"""Causal self-attention: multi-head, grouped-query or multi-query, optional sliding window.
+
+Design choices:
+- One fused projection `qkv_proj` produces queries, keys and values (rows ordered q | k | v): one matmul
+  instead of three. GPT-2's `c_attn` is exactly this matrix (transposed, Conv1D); LLaMA's q/k/v_proj
+  concatenate into it.
+- `n_kv_heads` < `n_heads` shares each key/value head among n_heads / n_kv_heads query heads (GQA;
+  MQA when 1). The cache stores only the kv heads.
+- Attention runs through torch's fused scaled_dot_product_attention. Without a mask we pass
+  `is_causal=True` (or nothing, for one new token), which keeps the flash/memory-efficient kernels;
+  GQA then uses SDPA's `enable_gqa` when the kernel supports it, else repeats kv heads.
+- `attention_reference` is the same computation written out (scores, mask, softmax, weighted sum): the
+  tests check the fused path against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fucina.model.cache import LayerKV
+from fucina.model.linear import make_linear
+from fucina.model.positions import apply_rotary
+
+if TYPE_CHECKING:
+    from fucina.model.config import ModelConfig
+    from fucina.model.context import ForwardContext
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, KV, S, hd) -> (B, KV * n_rep, S, hd), each kv head repeated for its group of query heads."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Fused attention of q (B, H, T, hd) over k, v (B, KV, S, hd); mask is boolean, True = attend."""
+    n_rep = q.size(1) // k.size(1)
+    if n_rep > 1:
+        # SDPA's own GQA works in the flash kernels (CPU, and CUDA half precision) but would send fp32
+        # CUDA and masked calls to the slow math kernel: there, repeating kv heads is faster.
+        if _SDPA_HAS_GQA and mask is None and (q.device.type == "cpu" or q.dtype != torch.float32):
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
+            )
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain-math attention (explicit softmax); same shapes and mask convention as `attend`."""
+    n_rep = q.size(1) // k.size(1)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, H, T, hd)
+
+
+class Attention(nn.Module):
+    """Causal self-attention of one layer; `config.window(layer_index)` selects a sliding window."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads = config.n_heads
+        self.kv_heads = config.kv_heads
+        self.head_dim = config.head_size
+        self.window = config.window(layer_index)
+        self.dropout_p = config.dropout
+        q_size, kv_size = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        self.qkv_proj = make_linear(config, config.d_model, q_size + 2 * kv_size)
+        self.out_proj = make_linear(config, q_size, config.d_model)
+        self.out_proj.is_residual_output = True  # scaled at init (see transformer.py)
+        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        qkv = self.qkv_proj(x).view(B, T, self.n_heads + 2 * self.kv_heads, hd)  # (B, T, H + 2 KV, hd)
+        qk, v = qkv.split([self.n_heads + self.kv_heads, self.kv_heads], dim=2)
+        if ctx.rope is not None:  # queries and keys rotated together: half the kernels
+            qk = apply_rotary(qk, *ctx.rope)
+        q, k = qk.split([self.n_heads, self.kv_heads], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or KV, T, hd)
+        if ctx.cache is not None:
+            k, v = ctx.cache.layers[self.layer_index].update(k, v, ctx.start)  # (B, KV, S, hd)
+        mask, is_causal = ctx.attention_mask(self.window)
+        y = attend(q, k, v, mask, is_causal, self.dropout_p if self.training else 0.0)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * hd)  # (B, T, H*hd)
+        return self.resid_dropout(self.out_proj(y))
+
+    def new_layer_cache(
+        self, batch_size: int, max_length: int, device: torch.device, dtype: torch.dtype
+    ) -> LayerKV:
+        """This layer's part of a KVCache."""
+        return LayerKV(batch_size, self.kv_heads, max_length, self.head_dim, device, dtype)
+
+    # Accounting hooks read by info.py (every mixer class provides them) ---------------------------
+    @staticmethod
+    def cache_bytes_per_token(config: ModelConfig, layer_index: int, dtype_bytes: int) -> int:
+        """Bytes this layer caches per token: one key and one value per kv head."""
+        return 2 * config.kv_heads * config.head_size * dtype_bytes
+
+    @staticmethod
+    def sequence_flops_per_token(config: ModelConfig, layer_index: int, context_length: int) -> int:
+        """FLOPs beyond the projections, per token: q.k scores and the weighted sum of values.
+
+        Counted over the full attended span (context or window), as Kaplan et al. and PaLM do; the
+        causal mask halves the true average but kernels rarely realise that saving.
+        """
+        window = config.window(layer_index)
+        attended = context_length if window is None else min(window, context_length)
+        return 2 * 2 * config.n_heads * config.head_size * attended
+
+    @staticmethod
+    def activation_elements_per_token(config: ModelConfig, layer_index: int) -> int:
+        """Values kept for the backward pass per token: qkv input, q/k/v, attention output."""
+        q_size = config.n_heads * config.head_size
+        return config.d_model + q_size + 2 * config.kv_heads * config.head_size + q_size

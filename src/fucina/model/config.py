@@ -1,0 +1,172 @@
+"""ModelConfig: one typed, validated object that selects every architectural choice.
+
+Design choices:
+- A flat dataclass, like litgpt's Config: every field is a plain value, so `config.json` is readable and
+  `ModelConfig.from_dict` (fucina.config.from_dict) rejects unknown keys by name.
+- Derived sizes stay `None` until read through a property (`kv_heads`, `head_size`, `ff_size`), so
+  `dataclasses.replace(config, d_model=...)` never leaves a stale value behind.
+- Swappable parts are chosen by *name* from registries (`mixer`, `ffn`, `linear`; see registry.py and
+  linear.py), with optional per-layer lists (`layer_mixers`, `layer_ffns`), so a new architecture (MoE,
+  MLA, Mamba, BitNet) slots in by registering a class, not by rewriting the model.
+- `mlp` names the feed-forward activation of the built-in MLP: "gelu" (exact), "gelu_tanh" (GPT-2's
+  gelu_new), "silu" (non-gated), "swiglu" (LLaMA's gated SiLU, two input projections).
+- Sliding-window attention (Mistral) applies to the layers in `sliding_window_layers` (all when None):
+  query i attends keys j with i - window < j <= i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fucina.config import from_dict
+from fucina.errors import ConfigError
+
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
+
+
+@dataclass
+class ModelConfig:
+    """Every choice that shapes a fucina Transformer; see the module docstring for the options."""
+
+    vocab_size: int = 8000
+    context_length: int = 256
+    n_layers: int = 6
+    d_model: int = 256
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: n_heads (MHA); 1 < n < n_heads: GQA; 1: MQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int | None = None  # None: 4 * d_model
+    positions: Literal["learned", "rope"] = "learned"
+    rope_base: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "silu", "swiglu"] = "gelu"
+    bias: bool = True  # biases of the attention and MLP projections
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    sliding_window: int | None = None
+    sliding_window_layers: list[int] | None = None  # None: every layer (when sliding_window is set)
+    mixer: str = "attention"
+    ffn: str = "mlp"
+    layer_mixers: list[str] | None = None  # one name per layer, overrides `mixer`
+    layer_ffns: list[str] | None = None  # one name per layer, overrides `ffn`
+    linear: str = "dense"  # factory for the blocks' projection layers (linear.py)
+    init_std: float = 0.02
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_positive(
+            "vocab_size", "context_length", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff"
+        )
+        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLP_ACTIVATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}), "
+                "or set model.head_dim"
+            )
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.kv_heads})"
+            )
+        if self.positions == "rope" and self.head_size % 2:
+            raise ConfigError(f"model.positions 'rope' needs an even head size, got {self.head_size}")
+        if self.rope_base <= 0:
+            raise ConfigError(f"model.rope_base must be positive, got {self.rope_base}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"model.norm_eps must be positive, got {self.norm_eps}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.init_std <= 0:
+            raise ConfigError(f"model.init_std must be positive, got {self.init_std}")
+        self._check_sliding_window()
+        self._check_registry_names()
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value}")
+
+    def _check_sliding_window(self) -> None:
+        if self.sliding_window is None:
+            if self.sliding_window_layers is not None:
+                raise ConfigError("model.sliding_window_layers is set but model.sliding_window is not")
+            return
+        if self.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window must be a positive integer, got {self.sliding_window}")
+        for index in self.sliding_window_layers or []:
+            if not 0 <= index < self.n_layers:
+                raise ConfigError(
+                    f"model.sliding_window_layers: layer {index} does not exist (n_layers is {self.n_layers})"
+                )
+
+    def _check_registry_names(self) -> None:
+        # Imported here: the registries import the layer classes, which only need this module for hints.
+        from fucina.model.linear import LINEARS
+        from fucina.model.registry import FEED_FORWARDS, MIXERS
+
+        for field_name, registry in (("mixer", MIXERS), ("ffn", FEED_FORWARDS), ("linear", LINEARS)):
+            _check_name(f"model.{field_name}", getattr(self, field_name), registry)
+        for field_name, registry in (("layer_mixers", MIXERS), ("layer_ffns", FEED_FORWARDS)):
+            names = getattr(self, field_name)
+            if names is None:
+                continue
+            if len(names) != self.n_layers:
+                raise ConfigError(
+                    f"model.{field_name} lists {len(names)} names but model.n_layers is {self.n_layers}"
+                )
+            for index, name in enumerate(names):
+                _check_name(f"model.{field_name}[{index}]", name, registry)
+
+    # Derived sizes -------------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (n_kv_heads, or n_heads when unset)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """Size of one attention head (head_dim, or d_model // n_heads when unset)."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def ff_size(self) -> int:
+        """Hidden size of the feed-forward network (d_ff, or 4 * d_model when unset)."""
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    def mixer_name(self, layer_index: int) -> str:
+        """The registered mixer used by layer `layer_index`."""
+        return self.mixer if self.layer_mixers is None else self.layer_mixers[layer_index]
+
+    def ffn_name(self, layer_index: int) -> str:
+        """The registered feed-forward used by layer `layer_index`."""
+        return self.ffn if self.layer_ffns is None else self.layer_ffns[layer_index]
+
+    def window(self, layer_index: int) -> int | None:
+        """The sliding-window size of layer `layer_index`, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_window_layers is None or layer_index in self.sliding_window_layers:
+            return self.sliding_window
+        return None
+
+    # Serialisation -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
+        """Build from plain data (config.json, YAML); unknown keys and bad values raise ConfigError."""
+        return from_dict(cls, data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable data that `from_dict` turns back into an equal config."""
+        return dataclasses.asdict(self)
+
+
+def _check_name(where: str, name: str, registry: dict[str, Any]) -> None:
+    if name not in registry:
+        raise ConfigError(f"{where}: unknown name {name!r} (known: {', '.join(sorted(registry))})")

@@ -1,0 +1,24 @@
+"""The factory for the projection layers inside blocks, chosen by `config.linear`.
+
+Why a factory: quantization-aware variants (BitNet's ternary BitLinear) replace every projection of the
+attention and feed-forward without touching those modules: register a class with nn.Linear's signature
+`(in_features, out_features, bias=...)` in LINEARS. Embeddings and the LM head stay plain (as in BitNet).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from fucina.model.config import ModelConfig
+
+LINEARS: dict[str, type[nn.Module]] = {"dense": nn.Linear}
+
+
+def make_linear(
+    config: ModelConfig, in_features: int, out_features: int, bias: bool | None = None
+) -> nn.Module:
+    """A projection of the kind `config.linear` names; `bias` defaults to `config.bias`."""
+    return LINEARS[config.linear](in_features, out_features, bias=config.bias if bias is None else bias)
