@@ -13,23 +13,25 @@ Design choices, and why:
   * "bytelevel": the plain GPT-2 regex (`ByteLevel(use_regex=True)`).
   * "italian": `Split(ITALIAN_PATTERN, "isolated")` then `ByteLevel(use_regex=False)`, where
 
-        ITALIAN_PATTERN = ` ?[\\p{L}\\p{M}]+['’]?|\\p{N}| ?[^\\s\\p{L}\\p{M}\\p{N}.,!?…()|]+|[.,!?…()|]+|\\s+(?!\\S)|\\s+`
-        (the real constant also lists the CJK/Indic/Arabic stops of llama.cpp's "viking" class)
+        ITALIAN_PATTERN = ` ?[\\p{L}\\p{M}]+['’]?| ?\\p{N}+| ?['’]| ?[^\\s\\p{L}\\p{M}\\p{N}STOPS'’]+|(?:[STOPS]| (?![^\\sSTOPS])|[^\\S ])+`
+        with STOPS = `.,!?…。，、।۔،()|` (sentence stops and brackets)
 
     - ` ?[\\p{L}\\p{M}]+['’]?`: a word with its leading space; accented letters (àèéìòù, ÀÈÉÌÒÙ, also
       written with combining accents, \\p{M}) are letters; a straight or typographic apostrophe stays with
       the word on its left, so elisions are whole pieces: `dell'acqua` -> `dell'` + `acqua`,
       `l’altra` -> `l’` + `altra`, `un po'` -> `un` + ` po'`. GPT-2's regex instead gives `dell` + `'` +
       `acqua` and lets merges glue `'acqua`, `'altra`, ... once per following word.
-    - `\\p{N}`: one digit per piece (as LLaMA and Qwen), so numbers never fill the vocabulary.
-    - punctuation in two classes: sentence stops and brackets `.,!?…()|` (no leading space), and every
-      other symbol run (with its leading space); whitespace as GPT-2 (`\\s+(?!\\S)|\\s+`).
+    - ` ?\\p{N}+`: digit runs as GPT-2; ` ?['’]`: any other apostrophe stands alone;
+      ` ?[^...]+`: runs of other symbols (quotes, «», dashes, ;:) with their leading space.
+    - the last alternative takes a run of stops and whitespace, leaving out a space that begins the next
+      word: `, ` `?\\n\\n` `.\\n` are single pieces.
     Why exactly these classes: llama.cpp cannot be given a regex, only the name of one it knows. Its
-    "viking" pre-tokenizer splits at whitespace and at `.,!?…()|` (` ?[^(\\s|.,!?…)]+`), then isolates
-    digits. Every boundary "viking" makes, ours makes too, and ours adds boundaries only between a letter
-    and a following non-letter, after an elision apostrophe, and between two symbol classes: no piece we
-    train on ever holds such a pair, so BPE learns no merge across them and llama.cpp's coarser pieces
-    tokenize to exactly our ids. A GGUF export therefore names "viking" and needs no llama.cpp patch.
+    "bloom" pre-tokenizer keeps ` ?[^(\\s|STOPS)]+` runs and leaves the text between them as pieces. Our
+    last alternative is exactly that in-between text, and inside a bloom run we only add boundaries
+    between pieces of different classes (letters / digits / apostrophe / other symbols). No piece we train
+    on holds a letter followed by a digit or symbol, a digit followed by anything else, or anything after
+    an apostrophe, so BPE learns no merge across those boundaries and llama.cpp's coarser pieces tokenize to
+    exactly our ids. A GGUF export therefore names "bloom" and needs no llama.cpp patch.
   "italian" is the default: it gives 1-2 % more characters per token than "bytelevel" on held-out ELTeC
   novels and Wikipedia passages at 1920, 8000 and 32000 ids (bench/tokenizer_compression.py,
   docs/tokenizer.md).
@@ -55,13 +57,15 @@ from fucina.errors import ConfigError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
-# Sentence stops and brackets that llama.cpp's "viking" pre-tokenizer splits at (see the module docstring).
+# Sentence stops and brackets that llama.cpp's "bloom" pre-tokenizer splits at (see the module docstring).
 _STOPS = ".,!?…。，、।۔،()|"
+_LETTERS = r"\p{L}\p{M}"
 ITALIAN_PATTERN = (
-    rf" ?[\p{{L}}\p{{M}}]+['’]?|\p{{N}}| ?[^\s\p{{L}}\p{{M}}\p{{N}}{_STOPS}]+|[{_STOPS}]+|\s+(?!\S)|\s+"
+    rf" ?[{_LETTERS}]+['’]?| ?\p{{N}}+| ?['’]| ?[^\s{_LETTERS}\p{{N}}{_STOPS}'’]+"
+    rf"|(?:[{_STOPS}]| (?![^\s{_STOPS}])|[^\S ])+"
 )
 # The llama.cpp pre-tokenizer whose splits our "italian" pieces refine without any cross-boundary merge.
-LLAMA_CPP_PRETOKENIZER = {"italian": "viking", "bytelevel": "gpt-2"}
+LLAMA_CPP_PRETOKENIZER = {"italian": "bloom", "bytelevel": "gpt-2"}
 PRETOKENIZER_NAMES = ("italian", "bytelevel")
 DEFAULT_PRETOKENIZER = "italian"
 TOKENIZER_FILE = "tokenizer.json"
