@@ -32,7 +32,7 @@ Design choices, and why:
     on holds a letter followed by a digit or symbol, a digit followed by anything else, or anything after
     an apostrophe, so BPE learns no merge across those boundaries and llama.cpp's coarser pieces tokenize to
     exactly our ids. A GGUF export therefore names "bloom" and needs no llama.cpp patch.
-  "italian" is the default: it gives 1-2 % more characters per token than "bytelevel" on held-out ELTeC
+  "italian" is the default: it gives 1-3 % more characters per token than "bytelevel" on held-out ELTeC
   novels and Wikipedia passages at 1920, 8000 and 32000 ids (bench/tokenizer_compression.py,
   docs/tokenizer.md).
 - Saved as `tokenizer.json` (loads in `transformers.PreTrainedTokenizerFast` with identical ids) and
