@@ -11,10 +11,24 @@
 - llama-tiny / llama-30m: LLaMA layout (RoPE, RMSNorm, SwiGLU, GQA, no biases, untied head);
   mistral-tiny / mistral-30m add a sliding window on every layer.
 Counts are checked in tests/model/test_presets.py; `fucina model info NAME` prints them.
+
+Architecture presets (ARCHITECTURE_PRESETS, beyond attention + MLP; counts checked in
+tests/model/test_moe.py and test_elleci.py):
+- mixtral-tiny: Mixtral's layout at toy size (4 layers, d 256, GQA 8/2, RoPE, RMSNorm, untied head;
+  every feed-forward is 8 SwiGLU experts of 896 = 3.5 d, Mixtral's ratio, top-2): 26.8M total, 10.3M
+  active per token.
+- elleci: the Elleci hybrid (d 2048 x 24 layers, vocab 32128, context 1024, SwiGLU 5632, RMSNorm, untied
+  head, BitNet b1.58 projections) with the layer pattern mamba, mamba, mla repeated 8 times: 16 Mamba-1
+  layers (d_state 16, expand 2) and 8 MLA layers (16 heads of 128, kv latent 512, rope 64). That is
+  1,495,308,288 parameters (~1.5B). Alternating mamba/mla gives 1.44B, three Mamba per MLA 1.52B; the
+  period of 3 also divides elleci-tiny's 6 layers, so both presets share the pattern exactly.
+- elleci-tiny: the same pattern and parts at d 192, 6 layers, vocab 2048, context 256 (3.9M): trains on
+  a CPU in minutes.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 
@@ -101,11 +115,67 @@ PRESETS["mistral-30m"] = dataclasses.replace(PRESETS["llama-30m"], sliding_windo
 
 PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
 
+ELLECI_PATTERN = ("mamba", "mamba", "mla")
+_ELLECI = dict(
+    positions="rope",  # no absolute positions: MLA rotates its own key part, Mamba needs none
+    norm="rmsnorm",
+    mlp="swiglu",
+    bias=False,
+    tie_embeddings=False,
+    linear="bitnet",
+)
+
+
+def repeat_pattern(pattern: tuple[str, ...] | list[str], n_layers: int) -> list[str]:
+    """The per-layer list that repeats `pattern` over `n_layers` (a multiple of its length)."""
+    if n_layers % len(pattern):
+        raise ConfigError(f"a pattern of {len(pattern)} layers does not divide {n_layers} layers")
+    return list(pattern) * (n_layers // len(pattern))
+
+
+ARCHITECTURE_PRESETS: dict[str, ModelConfig] = {
+    "mixtral-tiny": ModelConfig(
+        vocab_size=8000,
+        context_length=256,
+        n_layers=4,
+        d_model=256,
+        n_heads=8,
+        n_kv_heads=2,
+        d_ff=896,
+        ffn="moe",
+        moe_num_experts=8,
+        moe_top_k=2,
+        **_LLAMA,
+    ),
+    "elleci": ModelConfig(
+        vocab_size=32128,
+        context_length=1024,
+        n_layers=24,
+        d_model=2048,
+        n_heads=16,
+        d_ff=5632,
+        layer_mixers=repeat_pattern(ELLECI_PATTERN, 24),
+        **_ELLECI,
+    ),
+    "elleci-tiny": ModelConfig(
+        vocab_size=2048,
+        context_length=256,
+        n_layers=6,
+        d_model=192,
+        n_heads=6,
+        d_ff=512,
+        layer_mixers=repeat_pattern(ELLECI_PATTERN, 6),
+        **_ELLECI,
+    ),
+}
+ARCHITECTURE_PRESET_NAMES: tuple[str, ...] = tuple(ARCHITECTURE_PRESETS)
+ALL_PRESETS: dict[str, ModelConfig] = {**PRESETS, **ARCHITECTURE_PRESETS}
+
 
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of the preset `name`; ConfigError suggests close names for a typo."""
-    if name not in PRESETS:
-        close = difflib.get_close_matches(name, PRESET_NAMES, n=3)
+    if name not in ALL_PRESETS:
+        close = difflib.get_close_matches(name, list(ALL_PRESETS), n=3)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-        raise ConfigError(f"unknown model preset {name!r}{hint}; known: {', '.join(PRESET_NAMES)}")
-    return dataclasses.replace(PRESETS[name])
+        raise ConfigError(f"unknown model preset {name!r}{hint}; known: {', '.join(ALL_PRESETS)}")
+    return copy.deepcopy(ALL_PRESETS[name])  # deep: the per-layer lists must not be shared

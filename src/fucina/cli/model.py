@@ -1,4 +1,5 @@
-"""`fucina model` commands: describe a model shape (parameters, FLOPs, cache, memory), list presets."""
+"""`fucina model` commands: describe a model shape (parameters, FLOPs, cache, memory), list presets,
+import a Hugging Face checkpoint."""
 
 from __future__ import annotations
 
@@ -31,6 +32,30 @@ def register(subparsers) -> None:
     presets = commands.add_parser("presets", help="list the model presets with their sizes")
     presets.set_defaults(func=_presets)
 
+    import_hf = commands.add_parser(
+        "import-hf",
+        help="turn a local Hugging Face GPT-2 / LLaMA / Mistral checkpoint into a fucina model directory",
+        description=(
+            "Read a checkpoint saved with save_pretrained (config.json + safetensors or pytorch_model.bin) "
+            "from a local directory and write a fucina model directory computing the same logits. A "
+            "byte-level BPE tokenizer.json is imported too, with the chat template's special tokens added."
+        ),
+    )
+    import_hf.add_argument("hf_dir", help="directory of the Hugging Face checkpoint (nothing is downloaded)")
+    import_hf.add_argument("--out", required=True, help="fucina model directory to write")
+    import_hf.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json (or its directory) to import instead of HF_DIR's own",
+    )
+    import_hf.add_argument(
+        "--template", default="chatml", help="chat template to attach to the tokenizer (default chatml)"
+    )
+    import_hf.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights"
+    )
+    import_hf.set_defaults(func=_import_hf)
+
 
 def _config_for(name_or_path: str) -> tuple[str, ModelConfig]:
     """A preset by name, or the config.json of a model directory (or a run's best/ or final/)."""
@@ -57,13 +82,45 @@ def _info(args: argparse.Namespace) -> None:
 
 def _presets(args: argparse.Namespace) -> None:
     from fucina.model.info import count_parameters
-    from fucina.presets import PRESETS
+    from fucina.presets import ALL_PRESETS
 
-    for name, config in PRESETS.items():
-        total = count_parameters(config).total
+    for name, config in ALL_PRESETS.items():
+        counts = count_parameters(config)
+        mixers = sorted({config.mixer_name(i) for i in range(config.n_layers)})
+        ffns = sorted({config.ffn_name(i) for i in range(config.n_layers)})
+        parts = [
+            part for part in (*mixers, *ffns, config.linear) if part not in ("attention", "mlp", "dense")
+        ]
         print(
-            f"{name:14s} {total / 1e6:8.2f}M  {config.n_layers:2d} layers, d {config.d_model}, "
+            f"{name:14s} {counts.total / 1e6:8.2f}M  {config.n_layers:2d} layers, d {config.d_model}, "
             f"{config.n_heads} heads/{config.kv_heads} kv, {config.mlp}, {config.positions}, {config.norm}, "
             f"context {config.context_length}, vocab {config.vocab_size}"
             + (f", window {config.sliding_window}" if config.sliding_window else "")
+            + (f", {'+'.join(parts)}" if parts else "")
+            + (f" ({counts.active / 1e6:.2f}M active)" if counts.active != counts.total else "")
         )
+
+
+def _import_hf(args: argparse.Namespace) -> None:
+    import torch
+
+    from fucina.model.hf_import import import_hf_checkpoint, read_hf_config
+
+    model_type = read_hf_config(args.hf_dir).get("model_type")
+    result = import_hf_checkpoint(
+        args.hf_dir,
+        args.out,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        dtype=getattr(torch, args.dtype),
+    )
+    config = result.config
+    print(
+        f"imported {model_type} from {args.hf_dir} -> {result.out_dir}: {config.n_layers} layers, "
+        f"d_model {config.d_model}, {config.n_heads} heads ({config.kv_heads} kv), vocab {config.vocab_size}"
+    )
+    if result.tokenizer_imported:
+        added = f", added {', '.join(result.added_tokens)}" if result.added_tokens else ""
+        print(f"tokenizer imported with the {args.template} chat template{added}")
+    else:
+        print(f"no tokenizer imported: {result.note}")

@@ -12,6 +12,11 @@ Design choices:
   gelu_new), "silu" (non-gated), "swiglu" (LLaMA's gated SiLU, two input projections).
 - Sliding-window attention (Mistral) applies to the layers in `sliding_window_layers` (all when None):
   query i attends keys j with i - window < j <= i.
+- The fields of the other architectures carry a prefix naming the part that reads them (`moe_*` for
+  ffn "moe", `mla_*` for mixer "mla", `mamba_*` for mixer "mamba"; see moe.py, mla.py, mamba.py). They
+  are validated whether or not a layer uses that part, and their `None` sizes derive from the main ones
+  like `head_dim` and `d_ff` do (DeepSeek-V2's and Mamba's own ratios). BitNet needs no field: it is
+  `linear: "bitnet"` (bitnet.py).
 """
 
 from __future__ import annotations
@@ -57,6 +62,27 @@ class ModelConfig:
     linear: str = "dense"  # factory for the blocks' projection layers (linear.py)
     init_std: float = 0.02
     gradient_checkpointing: bool = False
+    # Mixture of experts (ffn "moe", moe.py)
+    moe_num_experts: int = 8
+    moe_top_k: int = 2  # 1: Switch (gate = the top probability); 2+: Mixtral (top-k renormalised)
+    moe_d_ff: int | None = None  # hidden size of one expert; None: d_ff
+    moe_shared_experts: int = 0  # experts every token goes through (DeepSeekMoE), added to the routed ones
+    moe_capacity_factor: float | None = None  # None: dropless; else Switch capacity, overflow dropped
+    moe_aux_loss_weight: float = 0.01  # weight of the Switch load-balancing loss in auxiliary_loss()
+    # Multi-head latent attention (mixer "mla", mla.py); None sizes follow DeepSeek-V2's ratios
+    mla_q_lora_rank: int | None = None  # None: full-rank query projection (DeepSeek-V2-Lite)
+    mla_kv_lora_rank: int | None = None  # the cached latent; None: 4 * head size
+    mla_qk_nope_head_dim: int | None = None  # None: head size
+    mla_qk_rope_head_dim: int | None = (
+        None  # the decoupled RoPE key, shared by all heads; None: head size / 2
+    )
+    mla_v_head_dim: int | None = None  # None: head size
+    # Selective state space (mixer "mamba", mamba.py); defaults are Mamba-1's
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int | None = None  # None: ceil(d_model / 16)
+    mamba_chunk_size: int = 64  # time steps per chunk of the training scan (bounds its temporaries)
 
     def __post_init__(self) -> None:
         self._check_positive(
@@ -85,6 +111,7 @@ class ModelConfig:
         if self.init_std <= 0:
             raise ConfigError(f"model.init_std must be positive, got {self.init_std}")
         self._check_sliding_window()
+        self._check_architecture_fields()
         self._check_registry_names()
 
     def _check_positive(self, *names: str) -> None:
@@ -105,6 +132,37 @@ class ModelConfig:
                 raise ConfigError(
                     f"model.sliding_window_layers: layer {index} does not exist (n_layers is {self.n_layers})"
                 )
+
+    def _check_architecture_fields(self) -> None:
+        self._check_positive(
+            "moe_num_experts",
+            "moe_top_k",
+            "moe_d_ff",
+            "mla_q_lora_rank",
+            "mla_kv_lora_rank",
+            "mla_qk_nope_head_dim",
+            "mla_qk_rope_head_dim",
+            "mla_v_head_dim",
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_expand",
+            "mamba_dt_rank",
+            "mamba_chunk_size",
+        )
+        if self.moe_top_k > self.moe_num_experts:
+            raise ConfigError(
+                f"model.moe_top_k ({self.moe_top_k}) exceeds model.moe_num_experts ({self.moe_num_experts})"
+            )
+        if self.moe_shared_experts < 0:
+            raise ConfigError(f"model.moe_shared_experts must be >= 0, got {self.moe_shared_experts}")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ConfigError(f"model.moe_capacity_factor must be positive, got {self.moe_capacity_factor}")
+        if self.moe_aux_loss_weight < 0:
+            raise ConfigError(f"model.moe_aux_loss_weight must be >= 0, got {self.moe_aux_loss_weight}")
+        if self.mla_rope_dim % 2:
+            raise ConfigError(
+                f"model.mla_qk_rope_head_dim must be even (RoPE pairs), got {self.mla_rope_dim}"
+            )
 
     def _check_registry_names(self) -> None:
         # Imported here: the registries import the layer classes, which only need this module for hints.
@@ -139,6 +197,43 @@ class ModelConfig:
     def ff_size(self) -> int:
         """Hidden size of the feed-forward network (d_ff, or 4 * d_model when unset)."""
         return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def expert_ff_size(self) -> int:
+        """Hidden size of one MoE expert (moe_d_ff, or ff_size when unset)."""
+        return self.ff_size if self.moe_d_ff is None else self.moe_d_ff
+
+    @property
+    def mla_kv_rank(self) -> int:
+        """Size of MLA's cached key/value latent (mla_kv_lora_rank, or 4 * head size)."""
+        return 4 * self.head_size if self.mla_kv_lora_rank is None else self.mla_kv_lora_rank
+
+    @property
+    def mla_nope_dim(self) -> int:
+        """Per-head query/key size without rotation (mla_qk_nope_head_dim, or the head size)."""
+        return self.head_size if self.mla_qk_nope_head_dim is None else self.mla_qk_nope_head_dim
+
+    @property
+    def mla_rope_dim(self) -> int:
+        """Size of MLA's rotated query/key part (mla_qk_rope_head_dim, or about half the head size)."""
+        if self.mla_qk_rope_head_dim is not None:
+            return self.mla_qk_rope_head_dim
+        return 2 * max(1, self.head_size // 4)  # half the head, kept even
+
+    @property
+    def mla_value_dim(self) -> int:
+        """Per-head value size of MLA (mla_v_head_dim, or the head size)."""
+        return self.head_size if self.mla_v_head_dim is None else self.mla_v_head_dim
+
+    @property
+    def mamba_inner(self) -> int:
+        """Channels of a Mamba layer (mamba_expand * d_model)."""
+        return self.mamba_expand * self.d_model
+
+    @property
+    def mamba_dt_size(self) -> int:
+        """Rank of Mamba's step-size projection (mamba_dt_rank, or ceil(d_model / 16))."""
+        return -(-self.d_model // 16) if self.mamba_dt_rank is None else self.mamba_dt_rank
 
     def mixer_name(self, layer_index: int) -> str:
         """The registered mixer used by layer `layer_index`."""

@@ -3,6 +3,7 @@
 Why a factory: quantization-aware variants (BitNet's ternary BitLinear) replace every projection of the
 attention and feed-forward without touching those modules: register a class with nn.Linear's signature
 `(in_features, out_features, bias=...)` in LINEARS. Embeddings and the LM head stay plain (as in BitNet).
+Registered: "dense" (nn.Linear), "bitnet" (BitNet b1.58's BitLinear, bitnet.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from fucina.model.bitnet import BitLinear
+
 if TYPE_CHECKING:
     from fucina.model.config import ModelConfig
 
-LINEARS: dict[str, type[nn.Module]] = {"dense": nn.Linear}
+LINEARS: dict[str, type[nn.Module]] = {"dense": nn.Linear, "bitnet": BitLinear}
 
 
 def make_linear(

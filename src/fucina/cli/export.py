@@ -1,0 +1,52 @@
+"""`fucina export`: write a trained model as a Hugging Face model directory or a llama.cpp GGUF file.
+
+`fucina export --model RUN_OR_MODEL_DIR --format hf --out DIR` writes config.json, model.safetensors,
+the tokenizer with its chat template, generation_config.json and a README.md model card, loadable with
+`AutoModelForCausalLM.from_pretrained(DIR)` (GPT-2, LLaMA, Mistral, Ministral classes; PicoDAC-style
+models with `trust_remote_code=True`). `--format gguf --out FILE.gguf [--quant f32|f16|q8_0]` writes one
+GGUF file for llama.cpp (LLaMA- and GPT-2-style models). An existing --out is refused unless
+--overwrite is given (the old output is replaced only once the new one is complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+FORMATS = ("hf", "gguf")
+
+
+def register(subparsers) -> None:
+    export = subparsers.add_parser(
+        "export",
+        help="export a model to Hugging Face transformers or llama.cpp (GGUF)",
+        description=__doc__.split("\n\n")[1],
+    )
+    export.add_argument("--model", required=True, help="run directory (uses best/) or model directory")
+    export.add_argument("--format", required=True, choices=FORMATS, help="hf (a directory) or gguf (a file)")
+    export.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    export.add_argument(
+        "--quant", default="f16", choices=("f32", "f16", "q8_0"), help="GGUF matrix type (default f16)"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    export.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fucina.export.source import load_source
+
+    source = load_source(args.model)
+    if args.format == "hf":
+        from fucina.export.hf import export_hf
+
+        result = export_hf(source, args.out, overwrite=args.overwrite)
+        print(f"wrote {result.path}: {result.architecture}, {result.parameters:,} parameters")
+        if result.remote_code:
+            print("this architecture ships as remote code: load it with trust_remote_code=True")
+    else:
+        from fucina.export.gguf import export_gguf
+
+        result = export_gguf(source, args.out, quant=args.quant, overwrite=args.overwrite)
+        print(
+            f"wrote {result.path}: llama.cpp arch {result.architecture}, {result.quant}, {result.tensors} tensors"
+        )
+    return 0

@@ -1,0 +1,134 @@
+"""Where the evaluation data lives, and the held-out documents every report is measured on.
+
+Design choices, and why:
+- One data root for everything evaluation reads: `--data-dir`, else `$FUCINA_DATA_DIR`, else
+  `../shared/data` next to the repository (the layout of a development checkout). Task files and held-out
+  splits are named relative to it, so a task YAML works on any machine that has the data.
+- `splits.json` of the data root names the held-out documents (by their `id` field, or `"all"` of a
+  file). We read exactly those, in file order, so held-out bits per byte compare across runs.
+- JSONL records are read here with their line numbers (not through `iter_texts`, which yields only the
+  text) because held-out documents are picked by id and task items need every field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from fucina.data.readers import record_conversation
+from fucina.errors import DataError
+
+DATA_DIR_ENV = "FUCINA_DATA_DIR"
+SPLITS_FILE = "splits.json"
+
+# Short names of the held-out sources -> (file under the data root, kind of record).
+HELDOUT_SOURCES: dict[str, tuple[str, str]] = {
+    "eltec": ("eltec-ita/eltec_ita.jsonl.xz", "text"),
+    "wikipedia": ("exams-it/exams_it_wikipedia_snippets.jsonl.xz", "text"),
+    "xpersona": ("xpersona-it/xpersona_it_test.chat.jsonl", "chat"),
+}
+
+
+def default_data_dir() -> Path:
+    """`$FUCINA_DATA_DIR` if set, else `../shared/data` next to the repository holding this package."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The data root to use (`data_dir` when given); DataError when it does not exist."""
+    path = Path(data_dir) if data_dir is not None else default_data_dir()
+    if not path.is_dir():
+        raise DataError(f"evaluation data directory not found; pass --data-dir or set ${DATA_DIR_ENV}", path)
+    return path
+
+
+def _open_text(path: Path) -> IO[str]:
+    name = path.name.lower()
+    if name.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line, record) of each non-blank line of a JSONL file (optionally .xz/.gz)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path)
+    line = 0
+    try:
+        with _open_text(path) as handle:
+            for line, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", path, line) from None
+                if not isinstance(record, dict):
+                    raise DataError("expected a JSON object", path, line)
+                yield line, record
+    except UnicodeDecodeError as err:
+        raise DataError(f"invalid UTF-8 ({err.reason})", path, line + 1) from None
+    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"compressed data is truncated or corrupt ({err})", path, line + 1) from None
+
+
+def _heldout_records(data_dir: Path, source: str) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    if source not in HELDOUT_SOURCES:
+        raise DataError(f"unknown held-out source {source!r}; choose one of {', '.join(HELDOUT_SOURCES)}")
+    relative, _ = HELDOUT_SOURCES[source]
+    splits_path = data_dir / SPLITS_FILE
+    if not splits_path.is_file():
+        raise DataError("held-out split list not found", splits_path)
+    try:
+        splits = json.loads(splits_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"malformed JSON: {err.msg}", splits_path, err.lineno) from None
+    entry = splits.get(relative)
+    if not isinstance(entry, dict) or "test" not in entry:
+        raise DataError(f"no held-out entry for '{relative}'", splits_path)
+    wanted = entry["test"]
+    field = entry.get("field", "id")
+    ids = None if wanted == "all" else set(wanted)
+    path = data_dir / relative
+    found = 0
+    for line, record in iter_jsonl_records(path):
+        if ids is None or record.get(field) in ids:
+            found += 1
+            yield path, line, record
+    if ids is not None and found != len(ids):
+        raise DataError(f"found {found} of the {len(ids)} held-out documents listed in {splits_path}", path)
+
+
+def heldout_texts(shared_data_dir: str | Path | None, source: str) -> list[str]:
+    """The held-out documents of `source` ("eltec": 8 novels, "wikipedia": 1000 passages), in file order."""
+    data_dir = resolve_data_dir(shared_data_dir)
+    if source in HELDOUT_SOURCES and HELDOUT_SOURCES[source][1] != "text":
+        raise DataError(f"held-out source {source!r} holds conversations; use heldout_conversations")
+    texts = []
+    for path, line, record in _heldout_records(data_dir, source):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise DataError("record has no string field 'text'", path, line)
+        texts.append(text)
+    return texts
+
+
+def heldout_conversations(shared_data_dir: str | Path | None, source: str = "xpersona") -> list[list[dict]]:
+    """The held-out conversations of `source` ("xpersona": the whole XPersona-it test file)."""
+    data_dir = resolve_data_dir(shared_data_dir)
+    if source in HELDOUT_SOURCES and HELDOUT_SOURCES[source][1] != "chat":
+        raise DataError(f"held-out source {source!r} holds plain texts; use heldout_texts")
+    return [
+        record_conversation(record, path, line) for path, line, record in _heldout_records(data_dir, source)
+    ]

@@ -1,0 +1,277 @@
+"""TrainConfig: one typed configuration for every training stage (pretraining and chat fine-tuning).
+
+Design choices:
+- Nested dataclasses loaded with `fucina.config.from_dict`, so a typo is rejected by name
+  ("unknown key 'optim.lrr' (did you mean 'optim.lr'?)") instead of being silently ignored.
+- The `model` section stays a plain mapping: either `preset: NAME` plus ModelConfig field overrides, or
+  the full ModelConfig fields. It is validated against ModelConfig when the model is built, so this file
+  does not have to mirror ModelConfig's fields.
+- Paths written in a config FILE are relative to that file's directory (so a config works from any
+  working directory); paths given with `--set` on the command line are relative to the working
+  directory. `builtin`, `builtin:prose`, `builtin:chat` and `hf:NAME` are names, not paths.
+- Cross-field rules (warmup in steps XOR ratio, a step or epoch budget, ...) are checked in `validate`,
+  so a bad combination fails before any data is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fucina.config import apply_overrides, from_dict, load_yaml, to_dict
+from fucina.errors import ConfigError
+
+BUILTIN_SOURCE = "builtin"
+HF_PREFIX = "hf:"
+
+
+@dataclass
+class TokenizerSection:
+    """Where the tokenizer comes from: an existing one (`path`) or trained at the start of the run."""
+
+    path: str | None = None
+    vocab_size: int = 1920
+    template: str = "picodac"
+    pretokenizer: str = "italian"
+    min_frequency: int = 2
+    inputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataSection:
+    """Training/validation sources and how they are split and cut into examples."""
+
+    train: list[str] = field(default_factory=lambda: [BUILTIN_SOURCE])
+    val: list[str] = field(default_factory=list)
+    val_fraction: float = 0.05
+    min_val_docs: int = 1
+    max_documents: int | None = None
+    skip_bad: bool = False
+    train_on: Literal["all", "last"] = "all"
+    context_length: int | None = None
+
+
+@dataclass
+class OptimSection:
+    """AdamW hyper-parameters; weight decay applies to matrices only (see optim.py)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleSection:
+    """Learning-rate schedule: warmup (steps or ratio of the run) then cosine decay, or constant."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainSection:
+    """Batching, budget, numerics and device."""
+
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    num_threads: int | None = None
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class EvalSection:
+    """Validation cadence, size, early stopping."""
+
+    every: int = 200
+    max_batches: int | None = None
+    batch_size: int | None = None
+    early_stopping_patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
+class CheckpointSection:
+    """Resumable checkpoints under <run>/checkpoints/."""
+
+    every: int = 200
+    keep_last: int = 2
+
+
+@dataclass
+class LogSection:
+    """Console progress, metrics.jsonl, TensorBoard and the loss plot."""
+
+    every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training stage needs; saved resolved as <run>/train_config.yaml."""
+
+    stage: Literal["pretrain", "sft"] = "pretrain"
+    init_from: str | None = None
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def validate(self) -> TrainConfig:
+        """Check cross-field rules; raises ConfigError naming the key."""
+        _positive("train.batch_size", self.train.batch_size)
+        _positive("train.grad_accum", self.train.grad_accum)
+        if self.train.max_steps is None and self.train.epochs is None:
+            raise ConfigError("set train.max_steps or train.epochs (the run needs a budget)")
+        if self.train.max_steps is not None:
+            _positive("train.max_steps", self.train.max_steps)
+        if self.train.epochs is not None and self.train.epochs <= 0:
+            raise ConfigError(f"train.epochs must be > 0, got {self.train.epochs}")
+        if self.train.num_threads is not None:
+            _positive("train.num_threads", self.train.num_threads)
+        s = self.schedule
+        if s.warmup_steps is not None and s.warmup_ratio is not None:
+            raise ConfigError("set schedule.warmup_steps or schedule.warmup_ratio, not both")
+        if s.warmup_steps is not None and s.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {s.warmup_steps}")
+        if s.warmup_ratio is not None and not 0.0 <= s.warmup_ratio < 1.0:
+            raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {s.warmup_ratio}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if not 0.0 <= s.min_lr <= self.optim.lr:
+            raise ConfigError(f"schedule.min_lr must be in [0, optim.lr], got {s.min_lr}")
+        if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
+        if self.optim.weight_decay < 0 or self.optim.grad_clip < 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if not self.data.train:
+            raise ConfigError("data.train: give at least one source (a file, 'builtin' or 'hf:NAME')")
+        if self.data.max_documents is not None:
+            _positive("data.max_documents", self.data.max_documents)
+        if self.data.context_length is not None:
+            _positive("data.context_length", self.data.context_length)
+        _positive("eval.every", self.eval.every, allow_zero=True)
+        _positive("checkpoint.every", self.checkpoint.every, allow_zero=True)
+        _positive("checkpoint.keep_last", self.checkpoint.keep_last)
+        _positive("log.every", self.log.every)
+        if self.eval.max_batches is not None:
+            _positive("eval.max_batches", self.eval.max_batches)
+        if self.eval.early_stopping_patience is not None:
+            _positive("eval.early_stopping_patience", self.eval.early_stopping_patience)
+        if self.init_from is not None and self.tokenizer.path is not None:
+            raise ConfigError(
+                "set init_from or tokenizer.path, not both: a run initialised from a model reuses its tokenizer"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def _positive(key: str, value: int, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def is_path_source(source: str) -> bool:
+    """True for a data source that names a file (not `builtin`, not `hf:NAME`)."""
+    builtin = source == BUILTIN_SOURCE or source.startswith(f"{BUILTIN_SOURCE}:")
+    return not builtin and not source.startswith(HF_PREFIX)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the path-valued keys of a raw config mapping absolute, relative to `base`."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and is_path_source(value) and not Path(value).expanduser().is_absolute():
+            return str((base / Path(value).expanduser()).resolve())
+        return value
+
+    data = copy.deepcopy(data)
+    if isinstance(data.get("init_from"), str):
+        data["init_from"] = fix(data["init_from"])
+    for section, keys in (("tokenizer", ("path", "inputs")), ("data", ("train", "val"))):
+        node = data.get(section)
+        if not isinstance(node, dict):
+            continue
+        for key in keys:
+            if isinstance(node.get(key), list):
+                node[key] = [fix(v) for v in node[key]]
+            elif isinstance(node.get(key), str):
+                node[key] = fix(node[key])
+    return data
+
+
+# YAML 1.1 (PyYAML) reads `3e-4` as a string (it wants `3.0e-4`); float fields accept that spelling too.
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _is_float_field(annotation: Any) -> bool:
+    if annotation is float:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return float in typing.get_args(annotation)
+    return False
+
+
+def scientific_floats(data: Any, cls: type) -> Any:
+    """Copy of `data` where strings like '3e-4' in float fields of dataclass `cls` become floats."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    fixed = dict(data)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        if isinstance(value, str) and _is_float_field(hint) and _SCIENTIFIC.match(value.strip()):
+            fixed[key] = float(value)
+        elif dataclasses.is_dataclass(hint):
+            fixed[key] = scientific_floats(value, hint)
+    return fixed
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """A validated TrainConfig from a mapping plus `section.key=value` overrides."""
+    data = _resolve_paths(apply_overrides(copy.deepcopy(data), overrides), Path.cwd())
+    data = scientific_floats(data, TrainConfig)
+    for key in ("tokenizer.inputs", "data.train", "data.val"):
+        section, name = key.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str):
+            node[name] = [node[name]]  # a single source is a one-element list
+    return from_dict(TrainConfig, data).validate()
+
+
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a YAML training config; its relative paths are taken relative to the file's directory."""
+    path = Path(path)
+    data = _resolve_paths(load_yaml(path), path.resolve().parent)
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,563 @@
+"""The one training loop, for pretraining and chat fine-tuning alike, exactly resumable.
+
+What happens, in order: open the run directory (resume or start), seed everything, get the tokenizer
+(inherited, loaded or trained), build or load the model, prepare the stage's data, then step:
+`grad_accum` micro-batches -> masked LM loss -> backward -> clip -> AdamW; evaluate every
+`eval.every` steps (loss, perplexity, bits per byte; best/ kept; early stopping), checkpoint every
+`checkpoint.every` steps, and write final/ at the end.
+
+Design choices:
+- Exact resume on CPU: the checkpoint holds the float32 weights, AdamW's state, every RNG (python,
+  numpy, torch CPU and CUDA), the data position (epoch, index; the order itself is a pure function of
+  (seed, epoch)), the step, the early-stopping state and the running metrics. The learning rate is a
+  function of the step. So killing a run at any point and resuming it reproduces the uninterrupted run
+  bit for bit (with the same thread count; tests/train/test_resume.py checks it with SIGKILL).
+- Gradient accumulation divides every micro-batch's summed loss by the supervised-token count of the
+  WHOLE step, so a step's gradient is that of the token-mean loss over all its micro-batches.
+- Precision: fp32 master weights always. bf16 autocast (CPU or CUDA) needs no loss scaling; fp16 autocast
+  only on CUDA with GradScaler (CPU fp16 is refused).
+- `kill_after_step` is a debugging/testing aid: the process SIGKILLs itself right after that step, with
+  no chance to clean up, like a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from fucina.config import from_dict
+from fucina.errors import ConfigError, FucinaError, TokenizerError
+from fucina.model.config import ModelConfig
+from fucina.model.io import CONFIG_FILE as MODEL_CONFIG_FILE
+from fucina.model.io import MODEL_VERSION, save_model
+from fucina.model.transformer import Transformer, maybe_compile
+from fucina.presets import get_preset
+from fucina.pretrained import load_pretrained
+from fucina.tokenizer import FucinaTokenizer
+from fucina.train.checkpoint import replace_file_atomically, save_checkpoint
+from fucina.train.config import TrainConfig, scientific_floats
+from fucina.train.data_stage import (
+    DataPosition,
+    StageData,
+    epochs_to_steps,
+    prepare_stage_data,
+    prepare_tokenizer,
+)
+from fucina.train.metrics import MetricsLogger
+from fucina.train.objectives import lm_loss_sum
+from fucina.train.optim import build_optimizer
+from fucina.train.run_dir import RunDirectory, RunDirectoryError, open_run_directory, publish_model_dir
+from fucina.train.schedules import LRSchedule, build_schedule
+
+log = logging.getLogger(__name__)
+
+LN2 = math.log(2.0)
+
+
+class TrainingDivergedError(FucinaError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class EvalResult:
+    val_loss: float
+    val_ppl: float
+    val_bpb: float
+    val_tokens: int
+
+
+@dataclass
+class Progress:
+    """Everything about the run's progress that a checkpoint must bring back."""
+
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    last_eval_step: int = 0
+    window_loss_sum: float = 0.0
+    window_tokens: int = 0
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `train`: where things are and the numbers that matter."""
+
+    run_dir: Path
+    steps: int
+    total_steps: int
+    best_val_loss: float
+    best_val_bpb: float | None
+    last_eval: EvalResult | None
+    stopped_early: bool
+    tokens_per_second: float
+    train_seconds: float
+
+
+# --- set-up -----------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device` (None: plain fp32); refuses fp16 on CPU."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                "train.precision fp16 needs a CUDA device (it relies on GradScaler loss scaling); "
+                "use bf16 or fp32 on CPU"
+            )
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
+    return torch.bfloat16
+
+
+def build_model_config(section: dict[str, Any], vocab_size: int) -> ModelConfig:
+    """ModelConfig from `preset: NAME` + overrides, or from full fields; vocab from the tokenizer if unset."""
+    fields = scientific_floats(dict(section), ModelConfig)
+    preset = fields.pop("preset", None)
+    base = get_preset(preset).to_dict() if preset is not None else {}
+    if "vocab_size" not in fields:
+        fields["vocab_size"] = vocab_size
+    return from_dict(ModelConfig, {**base, **fields}, "model")
+
+
+def _model_with_overrides(model: Transformer, overrides: dict[str, Any]) -> Transformer:
+    if not overrides:
+        return model
+    if "preset" in overrides:
+        raise ConfigError("model.preset cannot be combined with init_from (the model comes from init_from)")
+    config = from_dict(
+        ModelConfig, {**model.config.to_dict(), **scientific_floats(overrides, ModelConfig)}, "model"
+    )
+    rebuilt = Transformer(config)
+    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"model overrides {sorted(overrides)} change the architecture of the init_from model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return rebuilt
+
+
+def _check_vocab(tokenizer: FucinaTokenizer, model_config: ModelConfig, where: str) -> None:
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise TokenizerError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size} ({where}); use a matching tokenizer or set model.vocab_size"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[-2], tuple(python[:-2]), python[-1]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One stage of training in one run directory (see the module docstring)."""
+
+    def __init__(
+        self, config: TrainConfig, run: RunDirectory, checkpoint, kill_after_step: int | None = None
+    ):
+        self.config, self.run, self.kill_after_step = config, run, kill_after_step
+        train = config.train
+        if train.num_threads is not None:
+            torch.set_num_threads(train.num_threads)
+        random.seed(train.seed)
+        np.random.seed(train.seed)
+        torch.manual_seed(train.seed)
+        self.device = resolve_device(train.device)
+        self.amp_dtype = autocast_dtype(train.precision, self.device)
+
+        inherited_model, inherited_tokenizer = None, None
+        if config.init_from is not None:
+            inherited_model, inherited_tokenizer = load_pretrained(config.init_from)
+        self.tokenizer = prepare_tokenizer(config, run.path, inherited_tokenizer)
+        if inherited_model is not None:
+            model = _model_with_overrides(inherited_model, config.model)
+            _check_vocab(self.tokenizer, model.config, f"init_from {config.init_from}")
+        else:
+            model_config = build_model_config(config.model, self.tokenizer.vocab_size)
+            _check_vocab(self.tokenizer, model_config, "model section")
+            model = Transformer(model_config)
+        if checkpoint is not None:
+            try:
+                model.load_state_dict(checkpoint.model_state, strict=True)
+            except RuntimeError as err:
+                raise ConfigError(
+                    f"{checkpoint.path}: weights do not fit the configured model ({err})"
+                ) from None
+        self.model = model.to(self.device)
+        self.model_config = self.model.config
+        model_json = {"fucina_model_version": MODEL_VERSION, **self.model_config.to_dict()}
+        replace_file_atomically(run.path / MODEL_CONFIG_FILE, json.dumps(model_json, indent=2) + "\n")
+        self._configure_model_switches()
+
+        model_context = self.model_config.context_length
+        self.context_length = config.data.context_length or model_context
+        if self.context_length > model_context:
+            raise ConfigError(
+                f"data.context_length {self.context_length} exceeds the model's {model_context}"
+            )
+        self.data: StageData = prepare_stage_data(config, run.path, self.tokenizer, self.context_length)
+        log.info("data: %s", self.data.summary)
+
+        self.total_steps = self._total_steps()
+        self.schedule: LRSchedule = build_schedule(config.schedule, config.optim.lr, self.total_steps)
+        self.optimizer, groups = build_optimizer(self.model, config.optim)
+        log.info(
+            "AdamW: weight decay on %d tensors, none on %d (embeddings, norms, biases)",
+            len(groups.decay),
+            len(groups.no_decay),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.progress = Progress()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.metrics = MetricsLogger(
+            run.path, config.stage, self.progress.step, config.log.tensorboard, config.log.plot
+        )
+
+    def _configure_model_switches(self) -> None:
+        train = self.config.train
+        if train.gradient_checkpointing:
+            self.model.config.gradient_checkpointing = True
+        self.forward = maybe_compile(self.model, train.compile)
+
+    def _total_steps(self) -> int:
+        train = self.config.train
+        steps = []
+        if train.max_steps is not None:
+            steps.append(train.max_steps)
+        if train.epochs is not None:
+            steps.append(epochs_to_steps(train.epochs, self.data.train.batches_per_epoch, train.grad_accum))
+        return min(steps)
+
+    # --- state ---
+
+    def _trainer_state(self) -> dict[str, Any]:
+        progress = asdict(self.progress)
+        progress["position"] = [self.progress.position.epoch, self.progress.position.index]
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "progress": progress,
+        }
+
+    def _restore(self, checkpoint) -> None:
+        state = checkpoint.trainer_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        progress = dict(state["progress"])
+        epoch, index = progress.pop("position")
+        self.progress = Progress(**progress, position=DataPosition(int(epoch), int(index)))
+        _set_rng_state(state["rng"])
+
+    def _save_checkpoint(self) -> None:
+        path = save_checkpoint(
+            self.run.checkpoints,
+            self.progress.step,
+            self.model.state_dict(),
+            self._trainer_state(),
+            self.config.checkpoint.keep_last,
+        )
+        log.debug("checkpoint %s", path)
+
+    def _publish(self, name: str, result: EvalResult | None) -> None:
+        def write(directory: Path) -> None:
+            save_model(self.model, directory)
+            self.tokenizer.save(directory)
+
+        info = {
+            "stage": self.config.stage,
+            "step": self.progress.step,
+            "template": self.tokenizer.template.name,
+            **(asdict(result) if result else {}),
+        }
+        publish_model_dir(self.run, name, write, info)
+
+    # --- steps ---
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> tuple[float, int, int, float]:
+        """One optimizer step; returns (summed loss, supervised tokens, input tokens, grad norm)."""
+        config = self.config
+        step = self.progress.step + 1
+        lr = self.schedule.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = []
+        position = self.progress.position
+        for _ in range(config.train.grad_accum):
+            batch, position = self.data.train.next_batch(position)
+            micro_batches.append(batch)
+        supervised = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+        loss_total, tokens = 0.0, 0
+        for batch in micro_batches:
+            input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.forward(input_ids)
+            loss_sum, _ = lm_loss_sum(logits, labels)
+            loss = loss_sum / max(supervised, 1)
+            aux = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
+            if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
+                loss = loss + aux / config.train.grad_accum
+            self.scaler.scale(loss).backward()
+            loss_total += float(loss_sum.detach())
+            tokens += input_ids.numel()
+        if not math.isfinite(loss_total) and self.amp_dtype != torch.float16:
+            raise TrainingDivergedError(
+                f"the loss became {loss_total} at step {step} (learning rate {lr:.3g} too high?); "
+                f"the last checkpoint in {self.run.checkpoints} is intact"
+            )
+        self.scaler.unscale_(self.optimizer)
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.step = step
+        self.progress.position = position
+        self.progress.tokens_seen += tokens
+        return loss_total, supervised, tokens, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> EvalResult:
+        """Validation loss (nats/token), perplexity and bits per byte."""
+        self.model.eval()
+        nats, count, num_bytes = 0.0, 0, 0.0
+        try:
+            for batch, batch_bytes in self.data.val.batches(max_batches or self.config.eval.max_batches):
+                with self._autocast():
+                    logits = self.forward(batch["input_ids"].to(self.device))
+                loss_sum, n = lm_loss_sum(logits, batch["labels"].to(self.device))
+                nats += float(loss_sum)
+                count += n
+                num_bytes += batch_bytes
+        finally:
+            self.model.train()
+        loss = nats / max(count, 1)
+        return EvalResult(
+            val_loss=loss,
+            val_ppl=math.exp(min(loss, 50.0)),
+            val_bpb=nats / LN2 / max(num_bytes, 1.0),
+            val_tokens=count,
+        )
+
+    def _after_eval(self, result: EvalResult, train_loss: float | None) -> None:
+        p, e = self.progress, self.config.eval
+        improved = result.val_loss < p.best_val_loss - e.min_delta
+        if improved:
+            p.best_val_loss, p.best_step, p.evals_without_improvement = result.val_loss, p.step, 0
+            self._publish("best", result)
+        else:
+            p.evals_without_improvement += 1
+        p.last_eval_step = p.step
+        if e.early_stopping_patience is not None and p.evals_without_improvement >= e.early_stopping_patience:
+            p.stopped_early = True
+            log.info(
+                "early stopping at step %d: no improvement in %d evaluations (best %.4f at step %d)",
+                p.step,
+                p.evals_without_improvement,
+                p.best_val_loss,
+                p.best_step,
+            )
+        record = {
+            "epoch": round(self.data.train.epochs_done(p.position), 4),
+            "tokens_seen": p.tokens_seen,
+            "train_loss": train_loss,
+            **asdict(result),
+            "lr": self.schedule.lr_at(p.step),
+            "elapsed_s": round(p.train_seconds, 2),
+            "is_best": improved,
+        }
+        self.metrics.log_eval(p.step, record, self._stats_progress(finished=False))
+        log.info(
+            "step %d/%d: val loss %.4f, ppl %.2f, bpb %.4f%s",
+            p.step,
+            self.total_steps,
+            result.val_loss,
+            result.val_ppl,
+            result.val_bpb,
+            " (best)" if improved else "",
+        )
+
+    def _stats_progress(self, finished: bool) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "step": p.step,
+            "total_steps": self.total_steps,
+            "tokens_seen": p.tokens_seen,
+            "train_seconds": round(p.train_seconds, 2),
+            "tokens_per_second": round(p.tokens_seen / p.train_seconds, 1) if p.train_seconds else None,
+            "stopped_early": p.stopped_early,
+            "finished": finished,
+        }
+
+    def run_loop(self) -> TrainResult:
+        config, p = self.config, self.progress
+        eval_every, ckpt_every, log_every = config.eval.every, config.checkpoint.every, config.log.every
+        last_result: EvalResult | None = None
+        interval_seconds, interval_tokens, interval_loss, interval_supervised = 0.0, 0, 0.0, 0
+        bar = tqdm(
+            total=self.total_steps,
+            initial=p.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not config.log.progress,
+            desc=config.stage,
+        )
+        self.model.train()
+        with logging_redirect_tqdm(), bar:
+            while p.step < self.total_steps and not p.stopped_early:
+                started = time.perf_counter()
+                loss_sum, supervised, tokens, grad_norm = self.train_step()
+                seconds = time.perf_counter() - started
+                p.train_seconds += seconds
+                p.window_loss_sum += loss_sum
+                p.window_tokens += supervised
+                interval_seconds += seconds
+                interval_tokens += tokens
+                interval_loss += loss_sum
+                interval_supervised += supervised
+                bar.update(1)
+                if p.step % log_every == 0 or p.step == self.total_steps:
+                    # Mean loss per supervised token and training throughput (evaluations excluded).
+                    loss = interval_loss / max(interval_supervised, 1)
+                    speed = interval_tokens / max(interval_seconds, 1e-9)
+                    interval_seconds, interval_tokens, interval_loss, interval_supervised = 0.0, 0, 0.0, 0
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
+                    self.metrics.log_train(
+                        p.step,
+                        {
+                            "loss": loss,
+                            "lr": self.schedule.lr_at(p.step),
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": speed,
+                            "tokens_seen": p.tokens_seen,
+                            "epoch": round(self.data.train.epochs_done(p.position), 4),
+                        },
+                    )
+                last = p.step == self.total_steps
+                if (eval_every and p.step % eval_every == 0) or last:
+                    train_loss = p.window_loss_sum / max(p.window_tokens, 1)
+                    p.window_loss_sum, p.window_tokens = 0.0, 0
+                    last_result = self.evaluate()
+                    self._after_eval(last_result, train_loss)
+                if (ckpt_every and p.step % ckpt_every == 0) or last or p.stopped_early:
+                    self._save_checkpoint()
+                if self.kill_after_step is not None and p.step == self.kill_after_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        if last_result is None and p.last_eval_step != p.step:
+            last_result = self.evaluate()
+            self._after_eval(last_result, None)
+        elif last_result is None:
+            last_result = self._last_logged_eval()
+        if not self.run.best.exists():
+            self._publish("best", last_result)
+        self._publish("final", last_result)
+        self.metrics.write_stats(self._stats_progress(finished=True))
+        self.metrics.close()
+        best = self.metrics.stats.get("best") or {}
+        return TrainResult(
+            run_dir=self.run.path,
+            steps=p.step,
+            total_steps=self.total_steps,
+            best_val_loss=p.best_val_loss,
+            best_val_bpb=best.get("val_bpb"),
+            last_eval=last_result,
+            stopped_early=p.stopped_early,
+            tokens_per_second=p.tokens_seen / p.train_seconds if p.train_seconds else 0.0,
+            train_seconds=p.train_seconds,
+        )
+
+    def _last_logged_eval(self) -> EvalResult | None:
+        evals = self.metrics.stats.get("evals") or []
+        if not evals:
+            return None
+        last = evals[-1]
+        return EvalResult(last["val_loss"], last["val_ppl"], last["val_bpb"], last["val_tokens"])
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool | None = None,
+    overwrite: bool = False,
+    kill_after_step: int | None = None,
+) -> TrainResult:
+    """Train one stage into `run_dir` (resuming it if it holds this run); see the module docstring.
+
+    File-system failures (disk full, permissions) become one RunDirectoryError line naming the file.
+    """
+    try:
+        run, checkpoint = open_run_directory(run_dir, config, resume, overwrite)
+        try:
+            trainer = Trainer(config, run, checkpoint, kill_after_step)
+            return trainer.run_loop()
+        finally:
+            run.release()
+    except OSError as err:
+        where = err.filename or run_dir
+        raise RunDirectoryError(
+            f"{where}: {err.strerror or err} (files already in {run_dir} are intact)"
+        ) from None
