@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "fucina.cli.train",
     "fucina.cli.demo",
     "fucina.cli.eval",
+    "fucina.cli.export",
+    "fucina.cli.quantize",
 ]
 
 
