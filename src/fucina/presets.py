@@ -21,7 +21,9 @@ tests/model/test_moe.py and test_elleci.py):
   head, BitNet b1.58 projections) with the layer pattern mamba, mamba, mla repeated 8 times: 16 Mamba-1
   layers (d_state 16, expand 2) and 8 MLA layers (16 heads of 128, kv latent 512, rope 64). That is
   1,495,308,288 parameters (~1.5B). Alternating mamba/mla gives 1.44B, three Mamba per MLA 1.52B; the
-  period of 3 also divides elleci-tiny's 6 layers, so both presets share the pattern exactly.
+  period of 3 also divides elleci-tiny's 6 layers, so both presets share the pattern exactly. The
+  preset stores the pattern itself (`layer_mixers: [mamba, mamba, mla]`, repeated over the layers), so
+  `model.layer_mixers=[mamba,mla]` or `model.n_layers=12` overrides keep a consistent hybrid.
 - elleci-tiny: the same pattern and parts at d 192, 6 layers, vocab 2048, context 256 (3.9M): trains on
   a CPU in minutes.
 """
@@ -126,13 +128,6 @@ _ELLECI = dict(
 )
 
 
-def repeat_pattern(pattern: tuple[str, ...] | list[str], n_layers: int) -> list[str]:
-    """The per-layer list that repeats `pattern` over `n_layers` (a multiple of its length)."""
-    if n_layers % len(pattern):
-        raise ConfigError(f"a pattern of {len(pattern)} layers does not divide {n_layers} layers")
-    return list(pattern) * (n_layers // len(pattern))
-
-
 ARCHITECTURE_PRESETS: dict[str, ModelConfig] = {
     "mixtral-tiny": ModelConfig(
         vocab_size=8000,
@@ -154,7 +149,7 @@ ARCHITECTURE_PRESETS: dict[str, ModelConfig] = {
         d_model=2048,
         n_heads=16,
         d_ff=5632,
-        layer_mixers=repeat_pattern(ELLECI_PATTERN, 24),
+        layer_mixers=list(ELLECI_PATTERN),
         **_ELLECI,
     ),
     "elleci-tiny": ModelConfig(
@@ -164,7 +159,7 @@ ARCHITECTURE_PRESETS: dict[str, ModelConfig] = {
         d_model=192,
         n_heads=6,
         d_ff=512,
-        layer_mixers=repeat_pattern(ELLECI_PATTERN, 6),
+        layer_mixers=list(ELLECI_PATTERN),
         **_ELLECI,
     ),
 }

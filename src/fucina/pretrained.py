@@ -3,7 +3,8 @@
 A *model directory* holds `config.json` + `model.safetensors` (the model) and `tokenizer.json` +
 `tokenizer_config.json` (the tokenizer with its chat template). Training writes one into `best/` (and
 `final/`) of its run directory; every consumer (generate, chat, eval, export, serve) loads through here,
-so "--model runs/x" means the same thing everywhere.
+so "--model runs/x" means the same thing everywhere. A quantized model directory (`fucina quantize`, a
+`fucina_quantization` marker in config.json) loads here too, with its int8/int4 layers in place.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ def load_pretrained(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, FucinaTokenizer]:
     """Load model and tokenizer from a model or run directory; the tokenizer must fit the model."""
+    from fucina.quantize import is_quantized_dir, load_quantized
+
     model_dir = resolve_model_dir(path)
-    model = load_model(model_dir, device=device, dtype=dtype)
+    if is_quantized_dir(model_dir):
+        model = load_quantized(model_dir, device=device, dtype=dtype)
+    else:
+        model = load_model(model_dir, device=device, dtype=dtype)
     tokenizer = FucinaTokenizer.load(model_dir)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(

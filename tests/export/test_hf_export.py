@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from export_helpers import ARCHITECTURES, ITALIAN_SAMPLES, architecture_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,7 +21,12 @@ EXPECTED_CLASS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "ministral": "MinistralForCausalLM",
-    "picodac": "FucinaPicoDACForCausalLM",
+    "picodac": "ImageGPTForCausalImageModeling",  # the one standard class with learned positions + RMS norm
+    "picodac-remote-code": "FucinaPicoDACForCausalLM",
+}
+# export name -> (architecture of export_helpers.ARCHITECTURES, picodac_class)
+EXPORTS = {name: (name, "imagegpt") for name in ARCHITECTURES} | {
+    "picodac-remote-code": ("picodac", "remote-code")
 }
 CONVERSATION = [
     {"role": "system", "content": "Rispondi in italiano."},
@@ -39,14 +45,18 @@ class Exported:
     hf_tokenizer: object
 
 
-@pytest.fixture(scope="module", params=list(ARCHITECTURES), ids=list(ARCHITECTURES))
+@pytest.fixture(scope="module", params=list(EXPORTS), ids=list(EXPORTS))
 def exported(request, tmp_path_factory) -> Exported:
+    architecture, picodac_class = EXPORTS[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    source = load_source(architecture_model_dir(root / "model", request.param))
-    result = export_hf(source, root / "hf")
-    # Only the PicoDAC export carries remote code; the others must load without trusting any.
-    trust = request.param == "picodac"
-    hf_model = AutoModelForCausalLM.from_pretrained(root / "hf", trust_remote_code=trust).eval()
+    source = load_source(architecture_model_dir(root / "model", architecture))
+    result = export_hf(source, root / "hf", picodac_class=picodac_class)
+    # Only the remote-code PicoDAC export carries code; the others must load without trusting any.
+    trust = picodac_class == "remote-code" and architecture == "picodac"
+    if EXPECTED_CLASS[request.param] == "ImageGPTForCausalImageModeling":  # not in AutoModelForCausalLM
+        hf_model = transformers.ImageGPTForCausalImageModeling.from_pretrained(root / "hf").eval()
+    else:
+        hf_model = AutoModelForCausalLM.from_pretrained(root / "hf", trust_remote_code=trust).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(root / "hf", trust_remote_code=trust)
     return Exported(request.param, source, result, hf_model, hf_tokenizer)
 
@@ -56,7 +66,8 @@ def test_each_architecture_loads_as_its_standard_transformers_class(exported):
     assert exported.result.architecture == EXPECTED_CLASS[exported.name]
     config = json.loads((exported.result.path / "config.json").read_text())
     assert config["architectures"] == [EXPECTED_CLASS[exported.name]]
-    assert ("auto_map" in config) == (exported.name == "picodac") == exported.result.remote_code
+    remote = exported.name == "picodac-remote-code"
+    assert ("auto_map" in config) == remote == exported.result.remote_code
 
 
 def test_hf_logits_equal_fucina_logits_within_1e_4(exported):
@@ -136,7 +147,7 @@ def test_export_holds_the_model_card_and_no_fucina_files(exported):
         "generation_config.json",
         "README.md",
     }
-    if exported.name == "picodac":
+    if exported.name == "picodac-remote-code":
         expected |= {"configuration_fucina_picodac.py", "modeling_fucina_picodac.py"}
     assert files == expected
     card = (exported.result.path / "README.md").read_text()

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_config, tiny_model
 
+from fucina.cli.main import main
 from fucina.errors import CheckpointError, ConfigError
 from fucina.model.bitnet import BitLinear, quantize_activations, quantize_weight, ternary_codes, weight_scale
 from fucina.model.io import save_model
@@ -150,3 +151,22 @@ def test_export_refuses_a_dense_model_and_load_refuses_other_files(tmp_path):
         load_ternary(tmp_path / "dense" / "model.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         load_ternary(tmp_path / "missing.safetensors")
+
+
+def test_cli_export_ternary_writes_the_packed_file_and_reports_its_size(tmp_path, capsys):
+    model = tiny_model(**BITNET, d_model=64, d_ff=256, vocab_size=64)
+    save_model(model, tmp_path / "run" / "best")
+    out = tmp_path / "model.ternary.safetensors"
+    assert (
+        main(["model", "export-ternary", str(tmp_path / "run"), "--out", str(out), "--dtype", "float32"]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"{out.stat().st_size:,} bytes" in printed
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.inference_mode():
+        assert torch.equal(load_ternary(out)(ids), model(ids))
+    assert main(["model", "export-ternary", str(tmp_path / "run"), "--out", str(out)]) == 2  # no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    save_model(tiny_model(), tmp_path / "dense")
+    assert main(["model", "export-ternary", str(tmp_path / "dense"), "--out", str(tmp_path / "d.st")]) == 2
+    assert "needs a BitNet model" in capsys.readouterr().err

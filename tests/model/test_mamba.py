@@ -26,10 +26,11 @@ def scan_inputs(batch=2, length=11, inner=6, state=5, dtype=torch.float32, seed=
     return [t.requires_grad_() for t in (u, delta, A, Bm, Cm, h0)]
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
 @pytest.mark.parametrize("chunk_size", [1, 4, 64])
-def test_chunked_scan_equals_the_step_by_step_recurrence_values_and_gradients(chunk_size):
+def test_chunked_scan_equals_the_step_by_step_recurrence_values_and_gradients(chunk_size, parallel):
     inputs = scan_inputs()
-    y, last = selective_scan(*inputs, chunk_size=chunk_size)
+    y, last = selective_scan(*inputs, chunk_size=chunk_size, parallel=parallel)
     y_ref, last_ref = selective_scan_reference(*inputs)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, last_ref, atol=1e-5, rtol=1e-5)
@@ -40,9 +41,21 @@ def test_chunked_scan_equals_the_step_by_step_recurrence_values_and_gradients(ch
         torch.testing.assert_close(grad, grad_ref, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
 
 
-def test_scan_backward_passes_gradcheck_in_float64():
-    inputs = scan_inputs(batch=1, length=5, inner=3, state=2, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: _SelectiveScan.apply(*t, 2), inputs)
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_scan_backward_passes_gradcheck_in_float64(parallel):
+    inputs = scan_inputs(batch=1, length=7, inner=3, state=2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: _SelectiveScan.apply(*t, 4, parallel), inputs)
+
+
+def test_a_model_with_the_parallel_scan_computes_what_the_sequential_one_does():
+    ids = torch.randint(0, 97, (2, 21))
+    sequential = tiny_model(**MAMBA, mamba_scan="sequential", mamba_chunk_size=8)
+    parallel = tiny_model(**MAMBA, mamba_scan="parallel", mamba_chunk_size=8)
+    torch.testing.assert_close(parallel(ids), sequential(ids), atol=1e-5, rtol=1e-5)
+    cache = parallel.new_cache(batch_size=2)  # the recurrent state carries over between calls too
+    with torch.inference_mode():
+        stepped = torch.cat([parallel(ids[:, :13], cache), parallel(ids[:, 13:], cache)], 1)
+        torch.testing.assert_close(stepped, sequential(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_scan_runs_in_float32_under_bf16_autocast():

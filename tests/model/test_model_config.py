@@ -45,7 +45,8 @@ def test_explicit_head_dim_lifts_the_divisibility_rule():
         ({"mixer": "mamba9"}, r"model\.mixer: unknown name 'mamba9'"),
         ({"ffn": "moe9"}, r"model\.ffn: unknown name 'moe9'"),
         ({"linear": "ternary9"}, r"model\.linear: unknown name 'ternary9'"),
-        ({"layer_mixers": ["attention"]}, r"layer_mixers lists 1 names but model\.n_layers is 2"),
+        ({"layer_mixers": ["attention"] * 3}, r"layer_mixers lists 3 names but model\.n_layers is 2"),
+        ({"layer_ffns": []}, r"layer_ffns lists 0 names but model\.n_layers is 2"),
         ({"layer_mixers": ["attention", "nope"]}, r"layer_mixers\[1\]: unknown name 'nope'"),
         ({"sliding_window": 4, "sliding_window_layers": [2]}, r"layer 2 does not exist"),
         ({"sliding_window_layers": [0]}, r"sliding_window is not"),
@@ -69,3 +70,10 @@ def test_sliding_window_applies_to_the_listed_layers_only():
 def test_derived_sizes_default_from_the_main_ones():
     config = ModelConfig(d_model=64, n_heads=4)
     assert (config.kv_heads, config.head_size, config.ff_size) == (4, 16, 256)
+
+
+def test_a_short_layer_list_is_a_pattern_repeated_over_the_layers():
+    config = tiny_config(n_layers=6, layer_mixers=["mamba", "mamba", "mla"], layer_ffns=["mlp", "moe"])
+    assert [config.mixer_name(i) for i in range(6)] == ["mamba", "mamba", "mla"] * 2
+    assert [config.ffn_name(i) for i in range(6)] == ["mlp", "moe"] * 3
+    assert ModelConfig.from_dict(config.to_dict()) == config

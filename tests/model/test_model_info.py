@@ -96,3 +96,12 @@ def test_cli_lists_presets(capsys):
     assert main(["model", "presets"]) == 0
     out = capsys.readouterr().out
     assert "llama-30m" in out and "163.04M" in out
+
+
+def test_cli_model_info_shows_active_and_total_parameters_of_a_mixture_of_experts(capsys):
+    assert main(["model", "info", "mixtral-tiny"]) == 0
+    out = capsys.readouterr().out
+    counts = count_parameters(get_preset("mixtral-tiny"))
+    assert counts.active < counts.total / 2
+    assert f"parameters: {counts.total:,}" in out and f"active per token {counts.active:,}" in out
+    assert "moe: 8 experts of d_ff 896, top-2, 0 shared, dropless" in out

@@ -105,6 +105,26 @@ def test_routing_stats_count_k_assignments_per_token_for_each_moe_layer():
     assert metrics["moe/1/max_load"] >= 1.0 and metrics["moe/1/dropped"] == 0.0
 
 
+def test_routing_statistics_show_balanced_and_collapsed_routing_per_layer():
+    model = tiny_model(**{**MOE, "moe_top_k": 1}, layer_ffns=["moe", "mlp"])
+    layer = model.blocks[0].ffn
+    assert layer.routing_statistics() == [0, 0, 0, 0]  # before any forward
+    collected = [
+        m.routing_statistics() for m in model.modules() if callable(getattr(m, "routing_statistics", None))
+    ]
+    assert collected == [[0, 0, 0, 0]]  # the dense layer has none
+    model(torch.randint(0, 97, (2, 16)))
+    counts = layer.routing_statistics()
+    assert isinstance(counts, list) and all(isinstance(n, int) for n in counts) and sum(counts) == 32
+    balanced_loss = layer.balance_loss().item()
+    with torch.no_grad():  # a router that sends every positive input to expert 3
+        layer.router.weight.zero_()
+        layer.router.weight[3] = 1.0
+        layer(torch.rand(2, 16, 32) + 0.1)
+    assert layer.routing_statistics() == [0, 0, 0, 32]
+    assert layer.balance_loss().item() > 3.5 > balanced_loss  # collapse: near N = 4, balanced near 1
+
+
 def test_active_parameters_count_only_the_top_k_experts():
     config = get_preset("mixtral-tiny")
     d, ff, vocab, experts, k = config.d_model, config.expert_ff_size, config.vocab_size, 8, 2

@@ -55,6 +55,7 @@ def test_run_directory_has_the_picodac_layout(tmp_path, tokenizer_dir):
     assert load_train_config(run / "train_config.yaml") == config  # the resolved config reloads as is
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert not any("tokens_per_expert" in r for r in records)  # a dense model has no routing to log
     stats = _stats(run)
     assert [e["step"] for e in stats["evals"]] == [4, 8]
     assert stats["finished"] and stats["tokens_per_second"] > 0
@@ -138,8 +139,44 @@ def test_chat_fine_tuning_starts_from_the_pretrained_model_and_reuses_its_tokeni
 
 def test_dry_run_runs_the_pipeline_and_leaves_nothing_behind(tmp_path, tokenizer_dir):
     config = write_config(tmp_path, tiny_config(None, train={"max_steps": 1000}))
-    result = run_cli("train", str(config), "--dry-run", "--steps", "4", "--set", "train.num_threads=1")
+    result = run_cli(
+        "train", "--config", str(config), "--dry-run", "--steps", "4", "--set", "train.num_threads=1"
+    )
     assert result.returncode == 0, result.stderr
     assert "dry run: trained 4/4 steps" in result.stdout
     assert "validation: loss" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path, tokenizer_dir):
+    plain = tiny_config(tokenizer_dir, train={"max_steps": 2}, eval={"every": 0})
+    recomputed = tiny_config(
+        tokenizer_dir, train={"max_steps": 2, "gradient_checkpointing": True}, eval={"every": 0}
+    )
+    train(config_from_dict(plain), tmp_path / "plain")
+    train(config_from_dict(recomputed), tmp_path / "recomputed")
+    a = load_file(tmp_path / "plain/final/model.safetensors")
+    b = load_file(tmp_path / "recomputed/final/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_moe_tokens_per_expert_are_logged_to_metrics_and_tensorboard(tmp_path, tokenizer_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = {"ffn": "moe", "moe_num_experts": 4, "moe_top_k": 2}
+    config = tiny_config(tokenizer_dir, model=model, train={"max_steps": 4}, log={"tensorboard": True})
+    train(config_from_dict(config), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    routed = [r["tokens_per_expert"] for r in records if r["kind"] == "train"]
+    assert len(routed) == 2  # every training record (log.every 2, 4 steps)
+    for layers in routed:
+        assert len(layers) == 2  # one entry per MoE layer of the 2-layer model
+        for counts in layers.values():
+            assert len(counts) == 4 and sum(counts) == 2 * 8 * 32  # top-2 of each of the batch's tokens
+    events = EventAccumulator(str(tmp_path / "run/tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    layer = next(iter(routed[0]))
+    shares = [events.Scalars(f"routing/{layer}/expert_{e}")[-1].value for e in range(4)]
+    assert sum(shares) == pytest.approx(1.0)
+    assert f"routing/{layer}/max_load" in tags

@@ -83,18 +83,25 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     print(f"fucina demo -> {out}\n")
     print("[1/3] tokenizer + pretraining on the built-in prose (PicoDAC size)")
+    stage_started = time.perf_counter()
     pretrained = train(pretrain_config, out / "pretrain")
-    print(format_result(pretrained), "\n")
+    print(format_result(pretrained))
+    print(
+        f"stage time {time.perf_counter() - stage_started:.0f} s (tokenizer, packing, training, evaluation)\n"
+    )
     print("[2/3] chat fine-tuning on the built-in conversations (loss on assistant tokens only)")
+    stage_started = time.perf_counter()
     tuned = train(sft_config, out / "chat")
-    print(format_result(tuned), "\n")
+    print(format_result(tuned))
+    print(f"stage time {time.perf_counter() - stage_started:.0f} s\n")
 
     final = out / "chat" / "final"
-    print(f"[3/3] questions to {final}")
+    print(f"[3/3] three questions to the fine-tuned model ({final}, greedy decoding)\n")
     model, tokenizer = load_pretrained(final)
     for question in PROMPTS:
         print(f"> {question}\n{answer(model, tokenizer, question)}\n")
     print(f"validation bits per byte: pretraining {_bpb(pretrained)}, chat fine-tuning {_bpb(tuned)}")
+    print(f"runs: {out / 'pretrain'} (pretraining), {out / 'chat'} (chat); plots/loss.png and tb/ in each")
     print(f"total time {time.perf_counter() - started:.0f} s; chat with it: fucina chat --model {final}")
     return 0
 

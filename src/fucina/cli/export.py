@@ -2,8 +2,9 @@
 
 `fucina export --model RUN_OR_MODEL_DIR --format hf --out DIR` writes config.json, model.safetensors,
 the tokenizer with its chat template, generation_config.json and a README.md model card, loadable with
-`AutoModelForCausalLM.from_pretrained(DIR)` (GPT-2, LLaMA, Mistral, Ministral classes; PicoDAC-style
-models with `trust_remote_code=True`). `--format gguf --out FILE.gguf [--quant f32|f16|q8_0]` writes one
+`AutoModelForCausalLM.from_pretrained(DIR)` (GPT-2, LLaMA, Mistral, Ministral classes); PicoDAC-style
+models become transformers' ImageGPTForCausalImageModeling (no custom code), or with
+`--picodac-class remote-code` a small remote-code module for AutoModelForCausalLM. `--format gguf --out FILE.gguf [--quant f32|f16|q8_0]` writes one
 GGUF file for llama.cpp (LLaMA- and GPT-2-style models). An existing --out is refused unless
 --overwrite is given (the old output is replaced only once the new one is complete).
 """
@@ -27,6 +28,12 @@ def register(subparsers) -> None:
     export.add_argument(
         "--quant", default="f16", choices=("f32", "f16", "q8_0"), help="GGUF matrix type (default f16)"
     )
+    export.add_argument(
+        "--picodac-class",
+        default="imagegpt",
+        choices=("imagegpt", "remote-code"),
+        help="hf class of a PicoDAC-style model: standard ImageGPT (default) or remote code for AutoModel",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     export.set_defaults(func=run_export)
 
@@ -38,7 +45,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format == "hf":
         from fucina.export.hf import export_hf
 
-        result = export_hf(source, args.out, overwrite=args.overwrite)
+        result = export_hf(source, args.out, overwrite=args.overwrite, picodac_class=args.picodac_class)
         print(f"wrote {result.path}: {result.architecture}, {result.parameters:,} parameters")
         if result.remote_code:
             print("this architecture ships as remote code: load it with trust_remote_code=True")

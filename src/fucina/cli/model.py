@@ -1,12 +1,12 @@
 """`fucina model` commands: describe a model shape (parameters, FLOPs, cache, memory), list presets,
-import a Hugging Face checkpoint."""
+import a Hugging Face checkpoint, export a BitNet model's packed ternary weights."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fucina.errors import CheckpointError
+from fucina.errors import CheckpointError, ConfigError
 from fucina.model.config import ModelConfig
 
 
@@ -55,6 +55,26 @@ def register(subparsers) -> None:
         "--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights"
     )
     import_hf.set_defaults(func=_import_hf)
+
+    ternary = commands.add_parser(
+        "export-ternary",
+        help="write a BitNet (linear: bitnet) model's projections packed at 2 bits per weight",
+        description=(
+            "Pack every BitLinear weight of a BitNet b1.58 model into 2-bit ternary codes plus one scale "
+            "per matrix (one safetensors file, see fucina/model/ternary_export.py) and print the file size "
+            "next to the bf16 size of the same model."
+        ),
+    )
+    ternary.add_argument("model", help="run directory (uses best/) or model directory of a BitNet model")
+    ternary.add_argument("--out", required=True, help="the .safetensors file to write")
+    ternary.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="dtype of the tensors that are not ternary (embeddings, head, norms; default bfloat16)",
+    )
+    ternary.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ternary.set_defaults(func=_export_ternary)
 
 
 def _config_for(name_or_path: str) -> tuple[str, ModelConfig]:
@@ -124,3 +144,20 @@ def _import_hf(args: argparse.Namespace) -> None:
         print(f"tokenizer imported with the {args.template} chat template{added}")
     else:
         print(f"no tokenizer imported: {result.note}")
+
+
+def _export_ternary(args: argparse.Namespace) -> None:
+    import torch
+
+    from fucina.model.io import load_model
+    from fucina.model.ternary_export import export_ternary
+    from fucina.pretrained import resolve_model_dir
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists: pass --overwrite to replace it")
+    model_dir = resolve_model_dir(args.model)
+    model = load_model(model_dir)
+    size = export_ternary(model, out, dtype=getattr(torch, args.dtype))
+    bf16 = sum(p.numel() for p in model.parameters()) * 2
+    print(f"wrote {out}: {size:,} bytes ({size / bf16:.0%} of the model's {bf16:,} bytes in bf16)")

@@ -1,13 +1,14 @@
 """`fucina train`, `fucina generate` and `fucina chat`: thin calls into fucina.train and fucina.generate.
 
-`fucina train CONFIG --out DIR` trains one stage (pretraining or chat fine-tuning) as the YAML says;
-`--set section.key=value` overrides any key. Resume policy: a run directory that already holds this
-run is resumed from its newest usable checkpoint (the default, or `--resume` to insist on it);
-`--no-resume` refuses such a directory unless `--overwrite` moves the old run aside to
-`DIR.old-<timestamp>` (nothing is ever deleted). `--dry-run` runs the whole pipeline briefly (a few
-steps, a tiny evaluation, at most a few hundred documents) in a temporary directory unless --out is given.
-`--debug-kill-after-step K` makes the process SIGKILL itself right after step K (tests use it to check
-that a killed run resumes bit-identically).
+`fucina train --config CONFIG --out DIR` (or `fucina train CONFIG`) trains one stage (pretraining or
+chat fine-tuning) as the YAML says; the run directory defaults to runs/<config name>. `--set
+section.key=value` overrides any key. Resume policy: a run directory that already holds this run is
+resumed from its newest usable checkpoint (the default, or `--resume` to insist on it); `--no-resume`
+refuses such a directory unless `--overwrite` moves the old run aside to `DIR.old-<timestamp>` (nothing
+is ever deleted). `--dry-run` runs the whole pipeline briefly (a few steps, a tiny evaluation, at most a
+few hundred documents) in a temporary directory unless --out is given. `--debug-kill-after-step K` makes
+the process SIGKILL itself right after step K (tests use it to check that a killed run resumes
+bit-identically).
 
 `fucina generate --model RUN "prompt"` answers the prompt as a user message when the model was chat
 fine-tuned (its training.json says stage "sft"), else continues it as raw text; `--raw`/`--chat` force
@@ -66,7 +67,10 @@ def register(subparsers) -> None:
         help="train a model (pretraining or chat fine-tuning) from a YAML config",
         description=__doc__.split("\n\n")[1],
     )
-    train.add_argument("config", help="YAML training config (see configs/)")
+    train.add_argument("config", nargs="?", help="YAML training config (see configs/)")
+    train.add_argument(
+        "--config", dest="config_option", metavar="CONFIG", help="the YAML config (same as the positional)"
+    )
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
     train.add_argument(
         "--set",
@@ -126,6 +130,7 @@ def run_train(args: argparse.Namespace) -> int:
     from fucina.train.config import load_train_config
     from fucina.train.loop import train
 
+    args.config = config_argument(args)
     overrides = list(args.overrides)
     steps = args.steps if args.steps is not None else (20 if args.dry_run else None)
     if steps is not None:
@@ -154,6 +159,16 @@ def run_train(args: argparse.Namespace) -> int:
             shutil.rmtree(temporary, ignore_errors=True)
     print(format_result(result, dry_run=args.dry_run))
     return 0
+
+
+def config_argument(args: argparse.Namespace) -> str:
+    """The config path, given positionally or as --config (exactly one of the two)."""
+    given = [c for c in (args.config, args.config_option) if c is not None]
+    if not given:
+        raise ConfigError("fucina train needs a config: fucina train --config configs/picodac.yaml")
+    if len(given) == 2 and given[0] != given[1]:
+        raise ConfigError(f"two configs given ({given[0]} and --config {given[1]}); pass one")
+    return given[0]
 
 
 def dry_run_overrides(config) -> list[str]:

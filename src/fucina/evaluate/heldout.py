@@ -83,7 +83,8 @@ def iter_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]
         raise DataError(f"compressed data is truncated or corrupt ({err})", path, line + 1) from None
 
 
-def _heldout_records(data_dir: Path, source: str) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+def _split_entry(data_dir: Path, source: str) -> tuple[str, str, set | None]:
+    """(file under the data root, id field, held-out ids or None for the whole file) of `source`."""
     if source not in HELDOUT_SOURCES:
         raise DataError(f"unknown held-out source {source!r}; choose one of {', '.join(HELDOUT_SOURCES)}")
     relative, _ = HELDOUT_SOURCES[source]
@@ -98,8 +99,11 @@ def _heldout_records(data_dir: Path, source: str) -> Iterator[tuple[Path, int, d
     if not isinstance(entry, dict) or "test" not in entry:
         raise DataError(f"no held-out entry for '{relative}'", splits_path)
     wanted = entry["test"]
-    field = entry.get("field", "id")
-    ids = None if wanted == "all" else set(wanted)
+    return relative, entry.get("field", "id"), None if wanted == "all" else set(wanted)
+
+
+def _heldout_records(data_dir: Path, source: str) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    relative, field, ids = _split_entry(data_dir, source)
     path = data_dir / relative
     found = 0
     for line, record in iter_jsonl_records(path):
@@ -107,7 +111,25 @@ def _heldout_records(data_dir: Path, source: str) -> Iterator[tuple[Path, int, d
             found += 1
             yield path, line, record
     if ids is not None and found != len(ids):
-        raise DataError(f"found {found} of the {len(ids)} held-out documents listed in {splits_path}", path)
+        raise DataError(
+            f"found {found} of the {len(ids)} held-out documents listed in {data_dir / SPLITS_FILE}", path
+        )
+
+
+def training_texts(shared_data_dir: str | Path | None, source: str) -> Iterator[str]:
+    """The documents of `source` ("eltec", "wikipedia") that are NOT held out: what a model may train on."""
+    data_dir = resolve_data_dir(shared_data_dir)
+    relative, field, ids = _split_entry(data_dir, source)
+    if ids is None:
+        raise DataError(f"held-out source {source!r} is held out whole; nothing of it may be trained on")
+    path = data_dir / relative
+    for line, record in iter_jsonl_records(path):
+        if record.get(field) in ids:
+            continue
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise DataError("record has no string field 'text'", path, line)
+        yield text
 
 
 def heldout_texts(shared_data_dir: str | Path | None, source: str) -> list[str]:

@@ -7,9 +7,15 @@ Design choices, and why:
     RoPE + RMSNorm + SwiGLU (LLaMA)                             -> LlamaForCausalLM
     ... + a sliding window on every layer (Mistral)             -> MistralForCausalLM
     ... + a sliding window on some layers only                  -> MinistralForCausalLM (layer_types)
-  PicoDAC's TinyGPT (learned positions + RMSNorm + non-gated MLP) has no standard class (see
-  hf_remote/modeling_fucina_picodac.py for the search), so its export carries a small remote-code module
-  (configuration + modeling file, `auto_map`) and loads with `trust_remote_code=True`.
+  PicoDAC's TinyGPT (learned positions + RMSNorm + non-gated MLP, tied head): of the 230 causal LM
+  classes of transformers 5.x, the 38 with learned absolute positions all use LayerNorm. The one standard
+  class that computes this network is ImageGPTForCausalImageModeling (GPT-2's block with an RMS norm,
+  "ImageGPTLayerNorm", and any activation), which is the default (`picodac_class="imagegpt"`): no custom
+  code. Its head has `vocab_size - 1` rows (the image SOS token is never predicted), so the export
+  declares one extra, never-used embedding row and stores the head untied. Its price: it is not in
+  AutoModelForCausalLM's mapping, so it loads as `ImageGPTForCausalImageModeling.from_pretrained(dir)`.
+  `picodac_class="remote-code"` writes instead a small remote-code module (hf_remote/, `auto_map`) that
+  loads through AutoModelForCausalLM (pipelines, chat UIs) with `trust_remote_code=True`.
   Anything else (LayerNorm with RoPE, a gated MLP with learned positions, MoE, state-space layers, ...)
   is refused with the reason.
 - Weights are renamed and split from fucina's fused layouts (q|k|v rows of `qkv_proj`, gate|up rows of
@@ -45,6 +51,8 @@ log = logging.getLogger(__name__)
 
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
 REMOTE_CODE_ARCHITECTURE = "FucinaPicoDACForCausalLM"
+IMAGEGPT_ARCHITECTURE = "ImageGPTForCausalImageModeling"
+PICODAC_CLASSES = ("imagegpt", "remote-code")  # how a PicoDAC-style model is exported (module docstring)
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,12 @@ class HFExport:
     parameters: int
 
 
-def hf_architecture(config: ModelConfig) -> str:
+def hf_architecture(config: ModelConfig, picodac_class: str = "imagegpt") -> str:
     """The transformers class a model of `config` is exported as; ExportError when none can hold it."""
+    if picodac_class not in PICODAC_CLASSES:
+        raise ExportError(
+            f"--picodac-class must be one of {', '.join(PICODAC_CLASSES)}, got {picodac_class!r}"
+        )
     problems = unsupported_parts(config)
     if problems:
         raise ExportError(
@@ -88,7 +100,14 @@ def hf_architecture(config: ModelConfig) -> str:
     if config.positions == "learned" and config.norm == "rmsnorm" and not gated:
         if config.sliding_window is not None:
             raise ExportError("the PicoDAC export has no sliding-window attention: cannot export this model")
-        return REMOTE_CODE_ARCHITECTURE
+        if picodac_class == "remote-code":
+            return REMOTE_CODE_ARCHITECTURE
+        if config.kv_heads != config.n_heads or config.head_size * config.n_heads != config.d_model:
+            raise ExportError(
+                "ImageGPT needs n_kv_heads == n_heads and head_dim * n_heads == d_model: export this model "
+                "with --picodac-class remote-code"
+            )
+        return IMAGEGPT_ARCHITECTURE
     raise ExportError(
         f"no transformers class computes a model with {describe(config)}; supported: GPT-2 style (learned "
         "positions, LayerNorm, GELU/SiLU MLP), LLaMA/Mistral style (RoPE, RMSNorm, SwiGLU) and PicoDAC "
@@ -96,15 +115,20 @@ def hf_architecture(config: ModelConfig) -> str:
     )
 
 
-def export_hf(source: ExportSource, out: str | Path, overwrite: bool = False) -> HFExport:
-    """Write `source` as a transformers model directory at `out` (refused if it exists, unless overwrite)."""
+def export_hf(
+    source: ExportSource, out: str | Path, overwrite: bool = False, picodac_class: str = "imagegpt"
+) -> HFExport:
+    """Write `source` as a transformers model directory at `out` (refused if it exists, unless overwrite).
+
+    `picodac_class` chooses how a PicoDAC-style model is written: "imagegpt" or "remote-code".
+    """
     config = source.model.config
-    architecture = hf_architecture(config)
+    architecture = hf_architecture(config, picodac_class)
     hf_config, weights = _CONVERTERS[architecture](config, _float_state(source.model), source)
     model = _build_hf_model(architecture, hf_config)
-    _load_weights(model, weights, config.tie_embeddings)
+    _load_weights(model, weights, config.tie_embeddings and architecture != IMAGEGPT_ARCHITECTURE)
     model.generation_config = _generation_config(source)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = sum(p.numel() for p in source.model.parameters())  # the model's own count (tied once)
     with staged_output(out, overwrite=overwrite, is_dir=True, protected=source.model_dir) as tmp:
         model.save_pretrained(tmp)
         _write_tokenizer(source, tmp)
@@ -300,12 +324,49 @@ def _picodac(config: ModelConfig, state: dict[str, torch.Tensor], source: Export
     return hf_config, weights
 
 
+def _imagegpt(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+    from transformers import ImageGPTConfig
+
+    hf_config = _make_config(
+        ImageGPTConfig,
+        vocab_size=config.vocab_size + 1,  # ImageGPT's head has vocab_size - 1 rows: see the module docstring
+        n_positions=config.context_length,
+        n_embd=config.d_model,
+        n_layer=config.n_layers,
+        n_head=config.n_heads,
+        n_inner=config.ff_size,
+        activation_function=GPT2_ACTIVATIONS[config.mlp],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=config.norm_eps,
+        tie_word_embeddings=False,
+        **_special_ids(source),
+    )
+    # GPT-2's names and Conv1D layout; the RMS norms have no bias, so drop GPT-2's norm biases.
+    _, weights = _gpt2(config, state | _zero_norm_biases(config, state), source)
+    weights = {name: w for name, w in weights.items() if not (name.endswith(".bias") and ".ln_" in name)}
+    embedding = state["token_embedding.weight"]
+    weights["transformer.wte.weight"] = torch.cat((embedding, embedding.new_zeros(1, config.d_model)))
+    weights["lm_head.weight"] = state["token_embedding.weight" if config.tie_embeddings else "lm_head.weight"]
+    return hf_config, weights
+
+
+def _zero_norm_biases(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Placeholder norm biases so _gpt2's mapping can be reused for RMS-normed models (removed after)."""
+    names = ["final_norm.bias"] + [
+        f"blocks.{i}.{norm}.bias" for i in range(config.n_layers) for norm in ("mixer_norm", "ffn_norm")
+    ]
+    return {name: torch.zeros(config.d_model) for name in names if name not in state}
+
+
 _CONVERTERS: dict[str, Callable] = {
     "GPT2LMHeadModel": _gpt2,
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _mistral,
     "MinistralForCausalLM": _ministral,
     REMOTE_CODE_ARCHITECTURE: _picodac,
+    IMAGEGPT_ARCHITECTURE: _imagegpt,
 }
 
 

@@ -66,9 +66,11 @@ def _usage(architecture: str, remote_code: bool, export_format: str) -> str:
     if export_format != "hf":
         return "## Usage\n\n```\nllama-cli -m model.gguf -cnv\n```"
     trust = ", trust_remote_code=True" if remote_code else ""
+    # ImageGPT (PicoDAC's standard class) is not in AutoModelForCausalLM's mapping: name the class.
+    model_class = architecture if architecture == "ImageGPTForCausalImageModeling" else "AutoModelForCausalLM"
     text = (
-        "## Usage\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("PATH"{trust})\n'
+        f"## Usage\n\n```python\nfrom transformers import {model_class}, AutoTokenizer\n\n"
+        f'model = {model_class}.from_pretrained("PATH"{trust})\n'
         f'tokenizer = AutoTokenizer.from_pretrained("PATH"{trust})\n'
         'messages = [{"role": "user", "content": "Qual è la capitale d\'Italia?"}]\n'
         'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")\n'
@@ -80,6 +82,13 @@ def _usage(architecture: str, remote_code: bool, export_format: str) -> str:
             "modeling_fucina_picodac.py): no standard transformers class combines learned absolute "
             "positions with RMSNorm and a non-gated MLP, as this model does. Read the two files before "
             "passing `trust_remote_code=True`; they reuse LLaMA's classes and change only those parts."
+        )
+    if model_class != "AutoModelForCausalLM":
+        text += (
+            "\n\nThis model (learned absolute positions, RMSNorm, a non-gated MLP) is computed exactly by "
+            f"transformers' standard `{architecture}` class, GPT-2's block with an RMS norm; no custom "
+            "code is needed. That class is not registered for AutoModelForCausalLM, so load it by name. "
+            "Its head predicts `vocab_size - 1` tokens, so the embedding has one extra, never-used row."
         )
     return text
 

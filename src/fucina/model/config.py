@@ -7,7 +7,10 @@ Design choices:
   `dataclasses.replace(config, d_model=...)` never leaves a stale value behind.
 - Swappable parts are chosen by *name* from registries (`mixer`, `ffn`, `linear`; see registry.py and
   linear.py), with optional per-layer lists (`layer_mixers`, `layer_ffns`), so a new architecture (MoE,
-  MLA, Mamba, BitNet) slots in by registering a class, not by rewriting the model.
+  MLA, Mamba, BitNet) slots in by registering a class, not by rewriting the model. A per-layer list
+  either names every layer or is a pattern whose length divides `n_layers`, repeated over the layers
+  (`layer_ffns: [mlp, moe]` alternates dense and MoE layers; Elleci's `[mamba, mamba, mla]`), so
+  changing `n_layers` keeps the pattern.
 - `mlp` names the feed-forward activation of the built-in MLP: "gelu" (exact), "gelu_tanh" (GPT-2's
   gelu_new), "silu" (non-gated), "swiglu" (LLaMA's gated SiLU, two input projections).
 - Sliding-window attention (Mistral) applies to the layers in `sliding_window_layers` (all when None):
@@ -31,6 +34,7 @@ from fucina.errors import ConfigError
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
+MAMBA_SCANS = ("auto", "parallel", "sequential")
 
 
 @dataclass
@@ -57,8 +61,8 @@ class ModelConfig:
     sliding_window_layers: list[int] | None = None  # None: every layer (when sliding_window is set)
     mixer: str = "attention"
     ffn: str = "mlp"
-    layer_mixers: list[str] | None = None  # one name per layer, overrides `mixer`
-    layer_ffns: list[str] | None = None  # one name per layer, overrides `ffn`
+    layer_mixers: list[str] | None = None  # per layer, or a repeated pattern; overrides `mixer`
+    layer_ffns: list[str] | None = None  # per layer, or a repeated pattern; overrides `ffn`
     linear: str = "dense"  # factory for the blocks' projection layers (linear.py)
     init_std: float = 0.02
     gradient_checkpointing: bool = False
@@ -83,12 +87,18 @@ class ModelConfig:
     mamba_expand: int = 2
     mamba_dt_rank: int | None = None  # None: ceil(d_model / 16)
     mamba_chunk_size: int = 64  # time steps per chunk of the training scan (bounds its temporaries)
+    mamba_scan: Literal["auto", "parallel", "sequential"] = "auto"  # in-chunk scan; auto: parallel off-CPU
 
     def __post_init__(self) -> None:
         self._check_positive(
             "vocab_size", "context_length", "n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff"
         )
-        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLP_ACTIVATIONS)):
+        for name, allowed in (
+            ("positions", POSITIONS),
+            ("norm", NORMS),
+            ("mlp", MLP_ACTIVATIONS),
+            ("mamba_scan", MAMBA_SCANS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.head_dim is None and self.d_model % self.n_heads:
@@ -175,9 +185,10 @@ class ModelConfig:
             names = getattr(self, field_name)
             if names is None:
                 continue
-            if len(names) != self.n_layers:
+            if not names or self.n_layers % len(names):
                 raise ConfigError(
-                    f"model.{field_name} lists {len(names)} names but model.n_layers is {self.n_layers}"
+                    f"model.{field_name} lists {len(names)} names but model.n_layers is {self.n_layers}: "
+                    "give one name per layer or a pattern whose length divides n_layers"
                 )
             for index, name in enumerate(names):
                 _check_name(f"model.{field_name}[{index}]", name, registry)
@@ -237,11 +248,15 @@ class ModelConfig:
 
     def mixer_name(self, layer_index: int) -> str:
         """The registered mixer used by layer `layer_index`."""
-        return self.mixer if self.layer_mixers is None else self.layer_mixers[layer_index]
+        if self.layer_mixers is None:
+            return self.mixer
+        return self.layer_mixers[layer_index % len(self.layer_mixers)]
 
     def ffn_name(self, layer_index: int) -> str:
         """The registered feed-forward used by layer `layer_index`."""
-        return self.ffn if self.layer_ffns is None else self.layer_ffns[layer_index]
+        if self.layer_ffns is None:
+            return self.ffn
+        return self.layer_ffns[layer_index % len(self.layer_ffns)]
 
     def window(self, layer_index: int) -> int | None:
         """The sliding-window size of layer `layer_index`, or None for full causal attention."""

@@ -335,7 +335,8 @@ def _architecture_lines(config: ModelConfig, mixers: dict, ffns: dict) -> list[s
     if "mamba" in mixers:
         lines.append(
             f"  mamba: d_inner {config.mamba_inner}, d_state {config.mamba_d_state}, d_conv "
-            f"{config.mamba_d_conv}, dt rank {config.mamba_dt_size}, scan chunk {config.mamba_chunk_size}"
+            f"{config.mamba_d_conv}, dt rank {config.mamba_dt_size}, scan chunk {config.mamba_chunk_size} "
+            f"({config.mamba_scan})"
         )
     return lines
 

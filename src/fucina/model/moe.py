@@ -23,8 +23,11 @@ Design choices:
   routed to expert i (before any drop), P_i the mean router probability of i. It is 1 for uniform
   routing and N when every token goes to one expert. `auxiliary_loss()` returns it times
   `moe_aux_loss_weight`, so the training loop just adds the model's `auxiliary_loss()` to the LM loss.
-- The last forward's assignments per expert and dropped assignments are kept (`routing_stats(model)`)
-  for the training log.
+- Routing statistics for the training log, so users see collapse: `routing_statistics()` returns the
+  last forward's assignments per expert as a `list[int]` of length N (a token counts once for each of
+  its k experts, before any capacity drop, so the list sums to k * tokens; all zeros before any
+  forward). The trainer collects it from every module with a callable `routing_statistics`;
+  `routing_stats(model)` / `routing_metrics(model)` add the dropped count and flat per-layer numbers.
 """
 
 from __future__ import annotations
@@ -144,6 +147,16 @@ class MixtureOfExperts(nn.Module):
     def balance_loss(self) -> torch.Tensor | None:
         """The unweighted Switch loss of the last forward (1 = perfectly balanced)."""
         return self._balance_loss
+
+    def routing_statistics(self) -> list[int]:
+        """Tokens routed to each expert in the last forward, a list of N ints summing to k * tokens.
+
+        Counted before capacity drops (the router's choice, which is what collapse shows in); all zeros
+        before any forward. One host sync: call it at logging steps, not every step.
+        """
+        if self._counts is None:
+            return [0] * self.num_experts
+        return [int(n) for n in self._counts.tolist()]
 
     def routing_stats(self) -> RoutingStats | None:
         """Assignments per expert and dropped assignments of the last forward (None before any)."""

@@ -2,8 +2,15 @@
 
 Design choices, and why:
 - int8: one symmetric scale per output channel (row), scale = max|w_row| / 127, q = round(w / scale) in
-  [-127, 127]. On CPU the product runs in `torch._weight_int8pack_mm` (int8 weights, bf16 activations and
-  scales): the weights are read as int8, never expanded to a float matrix.
+  [-127, 127]. Two CPU kernels, both reading the weights as int8, never expanding them to a float matrix:
+  * one row at a time (batch-1 decoding): `torch.ops.quantized.linear_dynamic` (fbgemm/onednn), which
+    also quantizes the row's activations to int8 on the fly (one scale per token) and multiplies in int8
+    with int32 accumulation; in our batch-1 measurements it was the fastest of the three candidates
+    (1.3-4x faster than `_weight_int8pack_mm` on the larger matrices, see docs/quantize.md);
+  * several rows (prompt prefill, evaluation, batched generation): `torch._weight_int8pack_mm`, weight-only
+    (bf16 activations and scales), so the long-sequence numbers (bits per byte) carry no activation
+    rounding; it crashes on input sizes that are not a multiple of 16, so those are zero-padded. `reduce_range` (7-bit activations) is kept on, as PyTorch does on x86, because CPUs
+    without VNNI saturate the 8-bit products.
 - int4: asymmetric groups of `group_size` consecutive inputs per row (32, 64, 128 or 256: the sizes the
   kernel takes), scale = (max - min) / 15, q = round((w - min) / scale) in [0, 15], w ~ q * scale + min.
   Asymmetric, because a group's weights are rarely centred on zero and 16 levels are too few to waste
@@ -22,6 +29,8 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +38,8 @@ from torch import nn
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_ROW_MULTIPLE = 16  # the int4 CPU kernel packs output rows in blocks of 16
 KERNEL_DTYPE = torch.bfloat16
+INT8_PACK_MULTIPLE = 16  # _weight_int8pack_mm crashes on inputs of other sizes: zero-padded to it
+DYNAMIC_INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")  # engines with quantized::linear_dynamic
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +83,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_buffer("_kernel_scale", torch.ones(out_features, dtype=KERNEL_DTYPE), persistent=False)
+        self._packed_dynamic = None  # quantized::linear_dynamic's packed weights (CPU), built by prepare()
+        self.padded_in = -(-in_features // INT8_PACK_MULTIPLE) * INT8_PACK_MULTIPLE
+        self._kernel_weight = self.weight  # the int8 rows zero-padded to padded_in for _weight_int8pack_mm
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -83,16 +97,32 @@ class Int8Linear(nn.Module):
         return layer
 
     def prepare(self) -> None:
-        """Refresh the kernel's copy of the scales (after loading a state dict)."""
+        """Refresh the kernels' copies of the weights and scales (after loading a state dict)."""
         self._kernel_scale = self.scale.to(KERNEL_DTYPE)
+        self._kernel_weight = F.pad(self.weight, (0, self.padded_in - self.in_features))
+        self._packed_dynamic = None
+        if self.weight.device.type == "cpu" and torch.backends.quantized.engine in DYNAMIC_INT8_ENGINES:
+            with warnings.catch_warnings():  # torch marks quantized tensors deprecated; the kernel remains
+                warnings.simplefilter("ignore", UserWarning)
+                weight = torch._make_per_channel_quantized_tensor(
+                    self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0
+                )
+            bias = None if self.bias is None else self.bias.float()
+            self._packed_dynamic = torch.ops.quantized.linear_prepack(weight, bias)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self._packed_dynamic is not None and x.numel() == self.in_features:
+            row = x.reshape(1, self.in_features).float()  # (1, K): one token, bias inside the kernel
+            y = torch.ops.quantized.linear_dynamic(row, self._packed_dynamic, True)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if x.device.type == "cpu":
             flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (B*T, K)
-            y = torch._weight_int8pack_mm(flat, self.weight, self._kernel_scale)  # (B*T, N)
+            if self.padded_in != self.in_features:
+                flat = F.pad(flat, (0, self.padded_in - self.in_features))  # (B*T, K')
+            y = torch._weight_int8pack_mm(flat, self._kernel_weight, self._kernel_scale)  # (B*T, N)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.dequantized().to(x.dtype))

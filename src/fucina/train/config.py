@@ -55,6 +55,7 @@ class DataSection:
     skip_bad: bool = False
     train_on: Literal["all", "last"] = "all"
     context_length: int | None = None
+    exclude: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -214,7 +215,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = copy.deepcopy(data)
     if isinstance(data.get("init_from"), str):
         data["init_from"] = fix(data["init_from"])
-    for section, keys in (("tokenizer", ("path", "inputs")), ("data", ("train", "val"))):
+    for section, keys in (("tokenizer", ("path", "inputs")), ("data", ("train", "val", "exclude"))):
         node = data.get(section)
         if not isinstance(node, dict):
             continue
@@ -259,7 +260,7 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...
     """A validated TrainConfig from a mapping plus `section.key=value` overrides."""
     data = _resolve_paths(apply_overrides(copy.deepcopy(data), overrides), Path.cwd())
     data = scientific_floats(data, TrainConfig)
-    for key in ("tokenizer.inputs", "data.train", "data.val"):
+    for key in ("tokenizer.inputs", "data.train", "data.val", "data.exclude"):
         section, name = key.split(".")
         node = data.get(section)
         if isinstance(node, dict) and isinstance(node.get(name), str):

@@ -9,6 +9,8 @@ Design choices:
   the batch continues with the next epoch's, so every batch has the same shape and no window is skipped.
 - Sources: `builtin` (the built-in prose for pretraining, the built-in conversations for SFT),
   `builtin:prose`, `builtin:chat`, files or directories (.txt/.jsonl, optionally .xz/.gz) and `hf:NAME`.
+- `data.exclude` names held-out split lists (shared/data/splits.json): their records are skipped by
+  every read of the run, tokenizer training included (see exclusions.py).
 - Pretraining text is packed once into `<run>/data/` (memory-mapped shards + meta.json, written
   atomically by `pack_corpus`); a resumed run reuses it after checking it was made by this tokenizer.
 - Bits per byte: pretraining uses the UTF-8 bytes per token of the validation split (from meta.json);
@@ -31,7 +33,8 @@ from fucina.data.packing import META_FILE, TokenShards, check_tokenizer, pack_co
 from fucina.data.readers import ReadStats, iter_conversations, iter_texts
 from fucina.errors import DataError, TokenizerError
 from fucina.tokenizer import FucinaTokenizer, train_tokenizer
-from fucina.train.config import BUILTIN_SOURCE, TrainConfig
+from fucina.train.config import BUILTIN_SOURCE, TrainConfig, is_path_source
+from fucina.train.exclusions import check_sources, iter_filtered, load_exclusions
 from fucina.train.objectives import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -70,10 +73,28 @@ def expand_sources(sources: list[str], stage: str) -> list[str | Path]:
     return expanded
 
 
+def read_records(
+    sources: list[str], stage: str, config: TrainConfig, kind: str, stats: ReadStats
+) -> Iterator:
+    """Texts (kind "text") or conversations of `sources`, minus the held-out records of data.exclude."""
+    reader = iter_texts if kind == "text" else iter_conversations
+    inputs = expand_sources(sources, stage)
+    if not config.data.exclude:
+        yield from reader(inputs, skip_bad=config.data.skip_bad, stats=stats)
+        return
+    exclusions = load_exclusions(config.data.exclude)
+    check_sources(inputs, exclusions)
+    for source in inputs:
+        held_out = exclusions.get(Path(source).resolve()) if isinstance(source, str | Path) else None
+        if held_out is None or (isinstance(source, str) and not is_path_source(source)):
+            yield from reader([source], skip_bad=config.data.skip_bad, stats=stats)
+        else:
+            yield from iter_filtered(Path(source), held_out, kind, config.data.skip_bad, stats)
+
+
 def read_texts(sources: list[str], stage: str, config: TrainConfig) -> Iterator[str]:
     """Documents of `sources`, at most data.max_documents of them; bad records per data.skip_bad."""
-    texts = iter_texts(expand_sources(sources, stage), skip_bad=config.data.skip_bad, stats=ReadStats())
-    return islice(texts, config.data.max_documents)
+    return islice(read_records(sources, stage, config, "text", ReadStats()), config.data.max_documents)
 
 
 def prepare_tokenizer(
@@ -345,19 +366,12 @@ def prepare_stage_data(
     stats = ReadStats()
     conversations = list(
         islice(
-            iter_conversations(
-                expand_sources(config.data.train, "sft"), skip_bad=config.data.skip_bad, stats=stats
-            ),
-            config.data.max_documents,
+            read_records(config.data.train, "sft", config, "conversation", stats), config.data.max_documents
         )
     )
     if config.data.val:
         train_convs = conversations
-        val_convs = list(
-            iter_conversations(
-                expand_sources(config.data.val, "sft"), skip_bad=config.data.skip_bad, stats=stats
-            )
-        )
+        val_convs = list(read_records(config.data.val, "sft", config, "conversation", stats))
     else:
         train_convs, val_convs = _split_conversations(conversations, config)
     train_set = SFTDataset(train_convs, tokenizer, context_length, train_on=config.data.train_on)

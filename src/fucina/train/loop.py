@@ -57,7 +57,7 @@ from fucina.train.data_stage import (
     prepare_stage_data,
     prepare_tokenizer,
 )
-from fucina.train.metrics import MetricsLogger
+from fucina.train.metrics import MetricsLogger, collect_routing_statistics
 from fucina.train.objectives import lm_loss_sum
 from fucina.train.optim import build_optimizer
 from fucina.train.run_dir import RunDirectory, RunDirectoryError, open_run_directory, publish_model_dir
@@ -98,6 +98,19 @@ class Progress:
 
 
 @dataclass
+class LoopTiming:
+    """Wall-clock time of this invocation's loop (not saved in checkpoints; for reports and benchmarks).
+
+    `step_seconds[i]` is the whole i-th iteration (data, forward/backward/step, logging, progress bar)
+    minus the evaluation and checkpoint it may have done, which are summed apart.
+    """
+
+    step_seconds: list[float] = field(default_factory=list)
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+
+
+@dataclass
 class TrainResult:
     """Outcome of `train`: where things are and the numbers that matter."""
 
@@ -110,6 +123,7 @@ class TrainResult:
     stopped_early: bool
     tokens_per_second: float
     train_seconds: float
+    timing: LoopTiming = field(default_factory=LoopTiming)
 
 
 # --- set-up -----------------------------------------------------------------------------------------------
@@ -263,6 +277,7 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
+        self.timing = LoopTiming()
         if checkpoint is not None:
             self._restore(checkpoint)
         self.metrics = MetricsLogger(
@@ -469,6 +484,7 @@ class Trainer:
         with logging_redirect_tqdm(), bar:
             while p.step < self.total_steps and not p.stopped_early:
                 started = time.perf_counter()
+                aside = 0.0  # seconds of evaluation and checkpointing in this iteration
                 loss_sum, supervised, tokens, grad_norm = self.train_step()
                 seconds = time.perf_counter() - started
                 p.train_seconds += seconds
@@ -495,15 +511,26 @@ class Trainer:
                             "tokens_seen": p.tokens_seen,
                             "epoch": round(self.data.train.epochs_done(p.position), 4),
                         },
+                        collect_routing_statistics(self.model),
                     )
                 last = p.step == self.total_steps
                 if (eval_every and p.step % eval_every == 0) or last:
+                    eval_started = time.perf_counter()
                     train_loss = p.window_loss_sum / max(p.window_tokens, 1)
                     p.window_loss_sum, p.window_tokens = 0.0, 0
                     last_result = self.evaluate()
                     self._after_eval(last_result, train_loss)
+                    elapsed = time.perf_counter() - eval_started
+                    aside, self.timing.eval_seconds = aside + elapsed, self.timing.eval_seconds + elapsed
                 if (ckpt_every and p.step % ckpt_every == 0) or last or p.stopped_early:
+                    checkpoint_started = time.perf_counter()
                     self._save_checkpoint()
+                    elapsed = time.perf_counter() - checkpoint_started
+                    aside, self.timing.checkpoint_seconds = (
+                        aside + elapsed,
+                        self.timing.checkpoint_seconds + elapsed,
+                    )
+                self.timing.step_seconds.append(time.perf_counter() - started - aside)
                 if self.kill_after_step is not None and p.step == self.kill_after_step:
                     os.kill(os.getpid(), signal.SIGKILL)
         if last_result is None and p.last_eval_step != p.step:
@@ -527,6 +554,7 @@ class Trainer:
             stopped_early=p.stopped_early,
             tokens_per_second=p.tokens_seen / p.train_seconds if p.train_seconds else 0.0,
             train_seconds=p.train_seconds,
+            timing=self.timing,
         )
 
     def _last_logged_eval(self) -> EvalResult | None:

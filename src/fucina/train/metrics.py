@@ -6,6 +6,12 @@ Design choices:
   evaluation, the best one, progress), rewritten atomically at each evaluation.
 - On resume, records from steps after the checkpoint are dropped (those steps are trained again), and
   TensorBoard is opened with `purge_step`, so the logs of a resumed run read like an uninterrupted one.
+- Mixture-of-experts routing: at each training record the loop asks every module with a callable
+  `routing_statistics()` (fucina's MoE layers) for the tokens routed to each expert in the last forward
+  (with gradient accumulation, the step's last micro-batch). The counts go into metrics.jsonl as
+  `tokens_per_expert: {layer: [counts]}` and into TensorBoard as each expert's share of its layer's
+  assignments, plus the busiest expert's load over the mean (1 = balanced), so collapse shows early.
+  A model without such modules logs nothing extra.
 - The plot uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch) and
   is replaced atomically, so a viewer never sees half a PNG.
 """
@@ -18,6 +24,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from fucina.train.checkpoint import replace_file_atomically
 
 log = logging.getLogger(__name__)
@@ -26,6 +34,27 @@ METRICS_FILE = "metrics.jsonl"
 STATS_FILE = "train_stats.json"
 TENSORBOARD_DIR = "tb"
 PLOT_FILE = Path("plots") / "loss.png"
+
+
+def collect_routing_statistics(model: nn.Module) -> dict[str, list[int]]:
+    """Tokens per expert of the last forward, per routing module: {module name: [count per expert]}.
+
+    A module's `routing_statistics()` may return a list of counts (named after the module), a mapping
+    {name: counts} (taken as is), or None (skipped).
+    """
+    collected: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
+        method = getattr(module, "routing_statistics", None)
+        if not callable(method):
+            continue
+        stats = method()
+        if stats is None:
+            continue
+        if isinstance(stats, dict):
+            collected.update({str(k): [int(n) for n in v] for k, v in stats.items()})
+        else:
+            collected[name or "model"] = [int(n) for n in stats]
+    return collected
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -85,13 +114,25 @@ class MetricsLogger:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def log_train(self, step: int, values: dict[str, float]) -> None:
-        """A training record: loss, lr, grad norm, throughput..."""
-        self._append({"kind": "train", "step": step, **values})
+    def log_train(
+        self, step: int, values: dict[str, float], routing: dict[str, list[int]] | None = None
+    ) -> None:
+        """A training record: loss, lr, grad norm, throughput... and MoE tokens per expert if any."""
+        record: dict[str, Any] = {"kind": "train", "step": step, **values}
+        if routing:
+            record["tokens_per_expert"] = routing
+        self._append(record)
         if self.writer is not None:
             for name, value in values.items():
                 if isinstance(value, int | float):
                     self.writer.add_scalar(f"train/{name}", value, step)
+            for layer, counts in (routing or {}).items():
+                total = sum(counts)
+                if not total:
+                    continue
+                for expert, count in enumerate(counts):
+                    self.writer.add_scalar(f"routing/{layer}/expert_{expert}", count / total, step)
+                self.writer.add_scalar(f"routing/{layer}/max_load", max(counts) * len(counts) / total, step)
 
     def log_eval(self, step: int, values: dict[str, Any], progress: dict[str, Any]) -> None:
         """An evaluation record; refreshes train_stats.json and the plot."""

@@ -1,9 +1,10 @@
 """PicoDAC's TinyGPT for Hugging Face transformers: learned absolute positions, RMSNorm, non-gated MLP.
 
-No standard transformers class computes this network: GPT-2 has learned positions but LayerNorm,
-LLaMA has RMSNorm but rotary positions and a gated MLP, and ImageGPT (learned positions with an RMS
-norm) is an image model whose head drops one vocabulary row. So this file reuses LLaMA's classes and
-changes the three parts that differ:
+The default PicoDAC export needs no code: transformers' ImageGPTForCausalImageModeling computes this
+network exactly (see fucina/export/hf.py). But that class is not in AutoModelForCausalLM's mapping, so
+pipelines and chat front-ends cannot load it; `fucina export --picodac-class remote-code` ships this
+file instead, for `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. It reuses LLaMA's
+classes and changes the three parts that differ:
 - the token embeddings are summed with learned position embeddings (`embed_positions`) before the first
   block, at the positions generate() passes (or the cache length onwards);
 - the rotary embedding is replaced by the identity rotation (cos 1, sin 0), which leaves queries and
