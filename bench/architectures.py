@@ -140,7 +140,7 @@ def train_for(model: Transformer, corpus: Corpus, seconds: float, batch_size: in
     model.train()
     context = model.config.context_length
     step, elapsed, timed, timed_tokens, loss_value = 0, 0.0, 0.0, 0, float("nan")
-    while elapsed < seconds:
+    while elapsed < seconds or step < 2:  # at least one timed step
         inputs, targets = batch_at(corpus.train, step, batch_size, context)
         started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -243,12 +243,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--quick", action="store_true", help="seconds, to check the script runs: 2 s each")
+    parser.add_argument(
+        "--quick", action="store_true", help="to check the script runs: 1 s, batch 4, 4 val windows each"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/...)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    seconds = 2.0 if args.quick else args.seconds
+    seconds = 1.0 if args.quick else args.seconds
+    batch_size = 4 if args.quick else args.batch_size
+    val_windows = 4 if args.quick else None
     out = args.out or REPO_ROOT / "bench" / "results" / (
         "architectures-quick.json" if args.quick else "architectures.json"
     )
@@ -257,7 +261,7 @@ def main() -> None:
     print(
         f"built-in prose: {corpus.train_documents} training documents ({corpus.train.numel():,} tokens), "
         f"{corpus.val_documents} held out ({corpus.val.numel():,} tokens, {corpus.val_bytes:,} bytes); "
-        f"{seconds:g} s of training per variant, batch {args.batch_size} x {CONTEXT}, "
+        f"{seconds:g} s of training per variant, batch {batch_size} x {CONTEXT}, "
         f"{torch.get_num_threads()} threads"
     )
     rows = []
@@ -266,8 +270,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = Transformer(config)
         counts = count_parameters(config)
-        before = bits_per_byte(model, corpus, max_windows=4 if args.quick else None)
-        trained = train_for(model, corpus, seconds, args.batch_size)
+        before = bits_per_byte(model, corpus, max_windows=val_windows)
+        trained = train_for(model, corpus, seconds, batch_size)
         row = {
             "variant": name,
             "changes": VARIANTS[name],
@@ -276,9 +280,7 @@ def main() -> None:
             "non_embedding_active_parameters": counts.active - counts.embeddings,
             **trained,
             "val_bits_per_byte_at_init": round(before, 4),
-            "val_bits_per_byte": round(
-                bits_per_byte(model, corpus, max_windows=4 if args.quick else None), 4
-            ),
+            "val_bits_per_byte": round(bits_per_byte(model, corpus, max_windows=val_windows), 4),
             "generation_memory": generation_memory(config),
         }
         rows.append(row)
@@ -297,7 +299,7 @@ def main() -> None:
         "benchmark": "architectures",
         "quick": args.quick,
         "seconds_per_variant": seconds,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "context_length": CONTEXT,
         "vocab_size": VOCAB_SIZE,
         "learning_rate": LEARNING_RATE,

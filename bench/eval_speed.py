@@ -9,7 +9,7 @@ runs it:
   path (the default) and with the plain path (each choice its own row); questions/s of each, and the
   estimated time of a full 10,000-question ITALIC pass at the faster rate;
 - bits per byte: tokens/s on the first held-out ELTeC novel (cut to `--bpb-chars` characters).
-The best of `--rounds` repeats is reported (the least disturbed by other load on the machine).
+After an untimed warm-up, the best of `--rounds` repeats is reported (the least disturbed by other load on the machine).
 
     .venv/bin/python bench/eval_speed.py [--quick] [--model RUN] [--items 500] [--batch-size 32]
         [--threads N] [--rounds 3] [--data-dir DIR] [--out bench/results/eval_speed.json]
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--out", type=Path, help="JSON results (default bench/results/eval_speed[_quick].json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON results (default bench/results/eval_speed[_quick].json)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.items, args.bpb_chars, args.rounds = 16, 5_000, 1
@@ -90,9 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     total_items = len(load_items(spec, data_dir))
     options = dict(data_dir=data_dir, limit=args.items, batch_size=args.batch_size, show_progress=False)
 
+    # One untimed pass of a few questions down each path first: allocator and kernel warm-up.
+    for share in (True, False):
+        evaluate_task(model, tokenizer, spec, share_context=share, **{**options, "limit": 4})
     results = {}
     for path, share in (("shared_context", True), ("plain", False)):
-        seconds = best_seconds(lambda share=share: evaluate_task(model, tokenizer, spec, share_context=share, **options), args.rounds)
+        seconds = best_seconds(
+            lambda share=share: evaluate_task(model, tokenizer, spec, share_context=share, **options),
+            args.rounds,
+        )
         results[path] = {"seconds": round(seconds, 3), "questions_per_second": round(args.items / seconds, 2)}
     fastest = max(value["questions_per_second"] for value in results.values())
     full_minutes = total_items / fastest / 60
@@ -101,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     timed = {}
 
     def score_bpb() -> None:
-        timed["result"] = evaluate_texts(model, tokenizer, [text], batch_size=args.batch_size, show_progress=False)
+        timed["result"] = evaluate_texts(
+            model, tokenizer, [text], batch_size=args.batch_size, show_progress=False
+        )
 
     bpb_seconds = best_seconds(score_bpb, args.rounds)
     bpb_tokens = timed["result"].tokens

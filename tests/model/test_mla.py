@@ -55,7 +55,9 @@ def test_the_cache_holds_the_latent_and_the_rotated_key_only():
     stored = sum(layer.latents.numel() + layer.rope_keys.numel() for layer in cache.layers) * 4
     assert stored == sum(cache_bytes_per_token(config, 4)) * config.context_length
     mha = 2 * 4 * 8 * 2  # K and V of 4 heads of 8, bf16
-    assert attention_cache_comparison(config, 2)["MHA (4 kv heads)"] == mha == 4 * (12 + 4) * 2  # 4x MLA
+    comparison = attention_cache_comparison(config, 2)
+    assert comparison["MHA (4 kv heads)"] == mha == 4 * (12 + 4) * 2  # 4x MLA
+    assert comparison["GQA (2 kv heads)"] == mha // 2 and comparison["MQA (1 kv head)"] == mha // 4
 
 
 def test_cached_decoding_equals_the_full_forward(mla_model):

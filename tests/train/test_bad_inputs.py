@@ -176,3 +176,13 @@ def test_a_foreign_non_empty_directory_is_not_used(tmp_path, capsys, tokenizer_d
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     assert "holds no fucina run" in _fail(capsys, "train", str(config), "--out", str(tmp_path / "mine"))
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+
+
+def test_train_without_a_config_says_how_to_give_one(capsys):
+    assert "fucina train --config" in _fail(capsys, "train")
+
+
+def test_two_different_configs_are_refused(tmp_path, capsys, tokenizer_dir):
+    first = write_config(tmp_path, tiny_config(tokenizer_dir), "a.yaml")
+    second = write_config(tmp_path, tiny_config(tokenizer_dir), "b.yaml")
+    assert "two configs given" in _fail(capsys, "train", str(first), "--config", str(second))

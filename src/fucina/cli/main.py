@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "fucina.cli.eval",
     "fucina.cli.export",
     "fucina.cli.quantize",
+    "fucina.cli.study",
 ]
 
 

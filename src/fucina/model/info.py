@@ -127,10 +127,14 @@ def state_bytes(config: ModelConfig, dtype_bytes: int) -> list[int]:
 def attention_cache_comparison(config: ModelConfig, dtype_bytes: int) -> dict[str, int]:
     """Cache bytes per token and layer of MHA, GQA and MQA with this config's heads, next to MLA's.
 
-    GQA uses the config's kv heads when it has fewer than its query heads, else n_heads / 4 (at least 1).
+    GQA uses the config's kv heads when it has fewer than its query heads, else n_heads / 4 when that
+    divides the heads, else the largest divisor of n_heads up to n_heads / 2 (no GQA line when none).
     """
     heads, head_size = config.n_heads, config.head_size
-    groups = config.kv_heads if config.kv_heads < heads else max(1, heads // 4)
+    groups = config.kv_heads
+    if groups >= heads:
+        divisors = [d for d in range(2, heads // 2 + 1) if heads % d == 0]
+        groups = heads // 4 if heads % 4 == 0 and heads >= 8 else max(divisors, default=1)
     sizes = {f"MHA ({heads} kv heads)": 2 * heads * head_size * dtype_bytes}
     if 1 < groups < heads:
         sizes[f"GQA ({groups} kv heads)"] = 2 * groups * head_size * dtype_bytes

@@ -44,15 +44,18 @@ class MLP(nn.Module):
             self.activation = ACTIVATIONS[config.mlp]
         self.down_proj = make_linear(config, hidden, config.d_model)
         self.down_proj.is_residual_output = True  # scaled at init (see transformer.py)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None  # None: no call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (B*T, d_model): torch's linear on 3-D inputs adds reshape kernels
         if self.gated:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, d_ff) each
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B*T, d_ff) each
             hidden = F.silu(gate) * up
         else:
-            hidden = self.activation(self.up_proj(x))  # (B, T, d_ff)
-        return self.dropout(self.down_proj(hidden))
+            hidden = self.activation(self.up_proj(x))  # (B*T, d_ff)
+        y = self.down_proj(hidden).view(shape)  # (B, T, d_model)
+        return y if self.dropout is None else self.dropout(y)
 
     @staticmethod
     def activation_elements_per_token(config: ModelConfig, layer_index: int) -> int:

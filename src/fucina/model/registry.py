@@ -11,7 +11,8 @@ A mixer's forward is `(x (B, T, d_model), ctx: ForwardContext) -> (B, T, d_model
 by info.py (`cache_bytes_per_token`, `sequence_flops_per_token`, `activation_elements_per_token`).
 A feed-forward's forward is `(x) -> x`, with `activation_elements_per_token`. Either may define
 `auxiliary_loss() -> Tensor` (e.g. MoE load balance) and `active_parameters() -> int` (MoE: experts
-actually used per token); the model sums / info.py counts them. A mixer whose generation state does
+actually used per token); the model sums / info.py counts them. A routed feed-forward may define
+`routing_statistics() -> list[int]` (tokens per expert in the last forward), which the trainer logs. A mixer whose generation state does
 not grow with the sequence (Mamba) also defines `state_bytes(config, layer_index, dtype_bytes)`.
 """
 

@@ -134,6 +134,8 @@ def write_study_corpus(
     )
     files.train_chars = write_jsonl_texts(train, files.train)
     files.val_chars = write_jsonl_texts(val, files.val)
+    info = {"source": files.source, "train_chars": files.train_chars, "val_chars": files.val_chars}
+    (out_dir / "info.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
     logger.info(
         "study corpus (%s): %d training and %d validation characters in %s",
         files.source,
