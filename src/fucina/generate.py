@@ -12,7 +12,8 @@ Design choices:
   A prompt longer than the context raises FucinaError.
 - Everything runs under torch.inference_mode, the model in eval mode (restored afterwards). The only
   host synchronisation is the "is every row finished?" check: every step on CPU, every 8 steps on a GPU
-  so the host can queue kernels ahead of the device (`stream` must sync per token to yield it).
+  so the host can queue kernels ahead of the device (`stream` must sync per token to yield it). Without
+  stop tokens there is no check at all: every row runs to its budget, known before the first step.
 """
 
 from __future__ import annotations
@@ -140,7 +141,12 @@ class _Decoding:
         self.generator = None
         if sampling.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
-        self.stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
+        # Without stop tokens rows end only when their budget runs out, which the host knows already.
+        self.stop_ids = (
+            torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=device)
+            if sampling.stop_token_ids
+            else None
+        )
         self.running = self.budget_tensor > 0
         self.produced = 0
 
@@ -151,7 +157,9 @@ class _Decoding:
         tokens = choose_next_tokens(logits, self.sampling, self.seen, self.generator)
         if self.seen is not None:
             self.seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
-        emitted = self.running & ~torch.isin(tokens, self.stop_ids)  # a stop token is not output
+        emitted = self.running
+        if self.stop_ids is not None:
+            emitted = emitted & ~torch.isin(tokens, self.stop_ids)  # a stop token is not output
         self.produced += 1
         self.running = emitted & (self.budget_tensor > self.produced)
         return tokens, emitted
@@ -168,7 +176,8 @@ def _steps(
         with torch.inference_mode():  # entered per step: the caller's code between yields runs normally
             tokens, emitted = decoding.step(tokens)
         yield tokens, emitted
-        if (step + 1) % check_every == 0 and not bool(decoding.running.any()):
+        stoppable = decoding.stop_ids is not None  # else every row runs to its budget: no check needed
+        if stoppable and (step + 1) % check_every == 0 and not bool(decoding.running.any()):
             return
 
 

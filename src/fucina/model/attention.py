@@ -77,9 +77,9 @@ def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     limited to S <= 256; fp32 and inference keep SDPA.
     """
     return (
-        q.device.type == "cpu"
+        q.requires_grad
         and q.dtype in (torch.bfloat16, torch.float16)
-        and q.requires_grad
+        and q.device.type == "cpu"
         and k.size(-2) <= _EXPLICIT_MAX_KEYS
     )
 
