@@ -4,8 +4,10 @@ Measures, for the `picodac` and `llama-30m` presets (random weights):
 - training step (forward, backward, AdamW step) tokens/s, in fp32 and under bf16 autocast;
 - greedy generation tokens/s at batch 1 with a KV cache (128 new tokens after a 16-token prompt),
   fucina's `generate` against transformers' `model.generate(do_sample=False, min/max_new_tokens=128)`;
-- achieved training FLOP/s (fucina.model.info.flops_per_token: 6N + attention per token) as a fraction
-  of this machine's matmul ceiling, measured here with large fp32 and bf16 matmuls.
+- achieved FLOP/s (fucina.model.info.flops_per_token: 6N + attention per token for training, 2N +
+  attention for generation) as a fraction of this machine's matmul ceiling, measured here with large
+  fp32 and bf16 matmuls; for generation also the weight bytes streamed per second (batch 1 reads every
+  weight once per token).
 fucina and HF runs are interleaved round by round (median of the rounds) so that drift in the machine's
 load hits both alike. Both sides use the same loss (cross entropy on fp32 logits), the same optimizer
 (torch AdamW, fused when torch supports it on the device) and the same thread count.
@@ -18,6 +20,8 @@ learned positions). For generation picodac's context is raised to 256 so that 12
 On a CUDA machine everything is measured there as well (MFU against the GPU's measured ceiling).
 
     .venv/bin/python bench/model_speed.py [--quick] [--threads N] [--out bench/results/model_speed.json]
+
+--quick (seconds, numbers meaningless) writes bench/results/model_speed_quick.json instead.
 """
 
 from __future__ import annotations
@@ -207,7 +211,7 @@ def bench_training(name: str, device: torch.device, quick: bool, ceilings: dict[
 
 
 # Generation ------------------------------------------------------------------------------------------
-def bench_generation(name: str, device: torch.device, quick: bool) -> dict:
+def bench_generation(name: str, device: torch.device, quick: bool, ceilings: dict[str, float]) -> dict:
     config = get_preset(name)
     new_tokens = 32 if quick else NEW_TOKENS
     if config.context_length < PROMPT_LENGTH + new_tokens:
@@ -239,10 +243,19 @@ def bench_generation(name: str, device: torch.device, quick: bool) -> dict:
     for run in runs.values():
         run()
     timing = interleaved(runs, 2 if quick else 4, device)
+    # Forward FLOPs at the average attended span; at batch 1 every weight is read once per token, so the
+    # weight bytes per token times tokens/s is the memory traffic the matmuls need (the usual limit).
+    flops = flops_per_token(config, PROMPT_LENGTH + new_tokens // 2).forward
+    weight_bytes = 4 * sum(p.numel() for p in ours.parameters())
+    rate = timing["fucina"]["tokens_per_s"]
     return {
         "model": name,
         "device": device.type,
         "dtype": "fp32",
+        "forward_flops_per_token": flops,
+        "fraction_of_matmul_ceiling": flops * rate / ceilings["fp32"],
+        "weight_bytes_per_token": weight_bytes,
+        "weight_gb_per_s": weight_bytes * rate / 1e9,
         "prompt_tokens": PROMPT_LENGTH,
         "new_tokens": new_tokens,
         "context_length": config.context_length,
@@ -270,7 +283,8 @@ def table(results: dict) -> str:
         label = f"generate {row['model']} b1 {row['new_tokens']} new ({row['device']})"
         lines.append(
             f"{label:40s} {row['fucina_tokens_per_s']:10,.1f}/s {row['hf_tokens_per_s']:10,.1f}/s "
-            f"{row['ratio']:6.2f}x"
+            f"{row['ratio']:6.2f}x {100 * row['fraction_of_matmul_ceiling']:7.1f}%  "
+            f"(weights {row['weight_gb_per_s']:.1f} GB/s)"
         )
     for device, ceilings in results["matmul_ceiling_flops"].items():
         lines.append(
@@ -289,9 +303,14 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "model_speed.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default bench/results/model_speed.json (--quick: _quick.json)"
+    )
     parser.add_argument("--models", nargs="+", default=list(TRAIN_SHAPES), choices=list(TRAIN_SHAPES))
     args = parser.parse_args()
+    if args.out is None:
+        name = "model_speed_quick.json" if args.quick else "model_speed.json"
+        args.out = REPO_ROOT / "bench" / "results" / name
 
     import transformers
     from transformers.utils import logging as hf_logging
@@ -332,7 +351,7 @@ def main() -> None:
                 f"[{time.perf_counter() - started:5.0f}s] training {name} on {device.type} done", flush=True
             )
         for name in args.models:
-            results["generation"].append(bench_generation(name, device, args.quick))
+            results["generation"].append(bench_generation(name, device, args.quick, ceilings))
             print(
                 f"[{time.perf_counter() - started:5.0f}s] generation {name} on {device.type} done", flush=True
             )

@@ -113,21 +113,30 @@ def test_rotary_preserves_norms_and_makes_scores_relative():
     torch.testing.assert_close(score(7, 3), score(20, 16), atol=1e-5, rtol=1e-5)  # depends on i - j only
 
 
+@pytest.mark.parametrize("window", [None, 3], ids=["causal", "sliding-window"])
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_cpu_bf16_training_path_matches_the_fused_kernel_and_its_gradients(kv_heads):
+def test_cpu_bf16_training_path_matches_the_fused_kernel_and_its_gradients(kv_heads, window):
     leaves = [t.requires_grad_() for t in _qkv(kv_heads=kv_heads, dtype=torch.bfloat16)]
     assert _explicit_is_faster(leaves[0], leaves[1])  # the path under test is the one training takes
     upstream = torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    mask = None if window is None else build_attention_mask(0, 9, window=window)
     outputs, grads = [], []
     for explicit in (True, False):
         q, k, v = leaves
         if explicit:  # requires_grad bf16 on CPU takes the written-out path
-            out = attend(q, k, v, is_causal=True)
+            out = attend(q, k, v, mask, is_causal=mask is None)
         else:
             k, v = k.repeat_interleave(4 // kv_heads, 1), v.repeat_interleave(4 // kv_heads, 1)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None)
         outputs.append(out.float())
         grads.append([g.float() for g in torch.autograd.grad(out, leaves, upstream)])
     torch.testing.assert_close(outputs[0], outputs[1], atol=2e-2, rtol=2e-2)
     for explicit_grad, fused_grad in zip(*grads):
         torch.testing.assert_close(explicit_grad, fused_grad, atol=3e-2, rtol=3e-2)
+
+
+def test_cpu_bf16_training_path_masks_left_padding_per_row():
+    q, k, v = (t.requires_grad_() for t in _qkv(kv_heads=2, dtype=torch.bfloat16))
+    mask = build_attention_mask(0, 9, pad_lengths=torch.tensor([3, 0]))
+    expected = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), mask)
+    torch.testing.assert_close(attend(q, k, v, mask).float(), expected, atol=2e-2, rtol=2e-2)

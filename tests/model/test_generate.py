@@ -92,6 +92,13 @@ def test_seeded_sampling_repeats_exactly():
     assert other != first
 
 
+def test_near_zero_temperature_samples_the_greedy_tokens():
+    model = tiny_model(positions="rope", n_kv_heads=2)
+    greedy = generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, greedy=True))
+    assert generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=1e-4, seed=3)) == greedy
+    assert generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0.0)) == greedy
+
+
 def test_stream_yields_the_same_tokens_as_generate():
     model = tiny_model()
     sampling = SamplingConfig(max_new_tokens=9, temperature=0.8, seed=7)

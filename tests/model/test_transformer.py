@@ -10,6 +10,7 @@ from tiny_models import tiny_config, tiny_model
 from torch import nn
 
 from fucina.model.linear import LINEARS
+from fucina.model.norms import RMSNorm
 from fucina.model.registry import MIXERS, register_mixer
 from fucina.model.transformer import Transformer, maybe_compile
 
@@ -125,3 +126,31 @@ def test_linear_factory_builds_every_block_projection():
 def test_compile_switch_off_returns_the_model_itself():
     model = tiny_model()
     assert maybe_compile(model, enabled=False) is model
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised by torch's own modules on import
+def test_compile_switch_on_wraps_the_same_model():
+    model = tiny_model()
+    compiled = maybe_compile(model, enabled=True)  # compilation itself happens lazily, at the first call
+    assert compiled is not model and compiled._orig_mod is model
+    assert compiled.state_dict().keys() == {f"_orig_mod.{k}" for k in model.state_dict()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_computes_the_llama_formula(dtype):
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(0)) * 3).to(dtype).requires_grad_()
+    # Hugging Face's LlamaRMSNorm: variance in float32, normalise, cast back, scale
+    hidden = x.detach().float()
+    expected = norm.weight.detach() * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-5)).to(
+        dtype
+    )
+    out = norm(x)
+    assert out.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and norm.weight.grad is not None

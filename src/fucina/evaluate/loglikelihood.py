@@ -30,13 +30,16 @@ import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from fucina.errors import DataError
-from fucina.evaluate.runtime import context_length_of, scoring_mode, summed_target_logprobs
+from fucina.evaluate.runtime import context_length_of, picked_logprobs, scoring_mode
 from fucina.tokenizer import FucinaTokenizer
+
+DEFAULT_BATCH_TOKENS = 8192  # token slots per forward (padding included)
 
 
 @dataclass(frozen=True)
@@ -107,93 +110,143 @@ def _encode_groups(
 
 
 def _kv_cache_rewindable(model: nn.Module) -> bool:
-    """Whether the model has a KV cache whose every layer is a plain key/value store."""
+    """Whether the model has a KV cache whose every layer is a plain (B, heads, slots, dim) key/value store."""
     if not callable(getattr(model, "new_cache", None)):
         return False
     from fucina.model.cache import LayerKV
 
-    cache = model.new_cache(1, max_length=1)
-    return all(isinstance(layer, LayerKV) for layer in cache.layers)
+    try:
+        cache = model.new_cache(1, max_length=1)
+    except (TypeError, ValueError):
+        return False
+    return all(
+        isinstance(layer, LayerKV)
+        and isinstance(getattr(layer, "keys", None), torch.Tensor)
+        and isinstance(getattr(layer, "values", None), torch.Tensor)
+        and layer.keys.dim() == 4
+        for layer in getattr(cache, "layers", [None])
+    )
 
 
-def _score_plain(model, groups, batch_size, pad_id, device, progress) -> list[list[float]]:
-    rows, flags, owners = [], [], []
+def token_batches(lengths: Sequence[int], batch_tokens: int, batch_size: int | None) -> list[range]:
+    """Consecutive runs of items, each padded to its longest item, within a token budget.
+
+    A run grows while (items x longest item) stays within `batch_tokens` and, when given, items within
+    `batch_size`; an item longer than the budget is a run of its own. Sort the items longest first for
+    the least padding.
+    """
+    runs, start, longest = [], 0, 0
+    for end, length in enumerate(lengths):
+        widest = max(longest, length)
+        full = batch_size is not None and end - start >= batch_size
+        if end > start and (full or (end - start + 1) * widest > batch_tokens):
+            runs.append(range(start, end))
+            start, widest = end, length
+        longest = widest
+    if start < len(lengths):
+        runs.append(range(start, len(lengths)))
+    return runs
+
+
+def _padded(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> torch.Tensor:
+    """(len(rows), longest) LongTensor of the rows, right-padded (or left-padded) with pad_id."""
+    width = max(len(row) for row in rows)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
+    for r, row in enumerate(rows):
+        if left:
+            tokens[r, width - len(row) :] = row
+        else:
+            tokens[r, : len(row)] = row
+    return torch.from_numpy(tokens)
+
+
+def _score_plain(model, groups, batch_tokens, batch_size, pad_id, device, progress) -> list[list[float]]:
+    """Each (context, continuation) row on its own; rows sorted by length, right-padded per batch."""
+    rows, starts, owners = [], [], []
     for g, group in enumerate(groups):
         for c, continuation in enumerate(group.continuations):
             rows.append(group.context + continuation)
-            flags.append([False] * (len(group.context) - 1) + [True] * len(continuation))
+            starts.append(len(group.context) - 1)  # the first input position whose target is scored
             owners.append((g, c))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)
     scores = [[0.0] * len(group.continuations) for group in groups]
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        sums, _ = summed_target_logprobs(
-            model, [rows[i] for i in batch], [flags[i] for i in batch], pad_id, device
-        )
-        for i, value in zip(batch, sums, strict=True):
+    for run in token_batches([len(rows[i]) - 1 for i in order], batch_tokens, batch_size):
+        batch = [order[k] for k in run]
+        tokens = _padded([rows[i] for i in batch], pad_id).to(device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        lengths = torch.as_tensor([len(rows[i]) - 1 for i in batch], device=device)
+        first = torch.as_tensor([starts[i] for i in batch], device=device)
+        positions = torch.arange(inputs.shape[1], device=device)
+        mask = (positions >= first[:, None]) & (positions < lengths[:, None])  # (B, T) scored targets
+        picked = picked_logprobs(model(inputs)[mask], targets[mask])  # (M,) row after row
+        row_of = torch.arange(len(batch), device=device)[:, None].expand_as(mask)[mask]
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row_of, picked)
+        for i, value in zip(batch, sums.tolist(), strict=True):
             g, c = owners[i]
             scores[g][c] = value
         progress.update(len(batch))
     return scores
 
 
-def _cache_rows(model: nn.Module, cache, rows: list[int], pads: list[int], width: int, extra: int):
-    """A new KV cache holding the first `width` slots of `rows` of `cache`, with room for `extra` more."""
-    new = model.new_cache(len(rows), max_length=width + extra, pad_lengths=[pads[r] for r in rows])
-    index = torch.as_tensor(rows, device=cache.layers[0].keys.device)
-    for source, target in zip(cache.layers, new.layers, strict=True):
-        target.keys[:, :, :width] = source.keys[:, :, :width].index_select(0, index)
-        target.values[:, :, :width] = source.values[:, :, :width].index_select(0, index)
-    new.length = width
-    return new
+def _score_shared(model, groups, batch_tokens, batch_size, pad_id, device, progress) -> list[list[float]]:
+    """Each context once into a KV cache, then its choices continue from that cache, one after another.
 
-
-def _score_shared(model, groups, batch_size, pad_id, device, progress) -> list[list[float]]:
-    """Each context once into a KV cache; every choice then continues from a copy of its context's rows.
-
-    Contexts are batched by length (little left padding); the (question, choice) rows that need more
-    than their first token are re-batched by continuation length (little right padding).
+    Contexts are batched by length (little left padding) within the token budget (context slots plus
+    room for the longest continuation). The last context position scores every choice's first token.
+    Then, for k = 1, 2, ..., each question's k-th longest choice is fed after the context in one forward
+    (right-padded to the longest), and the cache is rewound to the end of the contexts before the next
+    k: no cache copies, the context keys and values are reused in place.
     """
-    order = sorted(range(len(groups)), key=lambda g: len(groups[g].context), reverse=True)
+    order = sorted(
+        range(len(groups)),
+        key=lambda g: (len(groups[g].context), max(map(len, groups[g].continuations))),
+        reverse=True,
+    )
     scores = [[0.0] * len(group.continuations) for group in groups]
     # The LM head is needed only at the last context position (the fucina Transformer can skip the rest).
     last_only = {"last_only": True} if "last_only" in inspect.signature(model.forward).parameters else {}
-    for start in range(0, len(order), batch_size):
-        owners = order[start : start + batch_size]
+    slots = [len(groups[g].context) + max(map(len, groups[g].continuations)) - 1 for g in order]
+    for run in token_batches(slots, batch_tokens, batch_size):
+        owners = [order[k] for k in run]
         batch = [groups[g] for g in owners]
-        width = max(len(group.context) for group in batch)
+        contexts = _padded([group.context for group in batch], pad_id, left=True).to(device)
+        width = contexts.shape[1]
+        extra = max(len(ids) for group in batch for ids in group.continuations) - 1
         pads = [width - len(group.context) for group in batch]
-        contexts = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        for r, group in enumerate(batch):
-            contexts[r, pads[r] :] = torch.as_tensor(group.context)
-        cache = model.new_cache(len(batch), max_length=width, pad_lengths=pads)
-        last = model(contexts.to(device), cache=cache, **last_only)[:, -1]  # (B, V)
-        first = torch.log_softmax(last.float(), dim=-1).double().cpu()  # (B, V) first token of each choice
+        cache = model.new_cache(len(batch), max_length=width + max(extra, 1), pad_lengths=pads)
+        last = model(contexts, cache=cache, **last_only)[:, -1]  # (B, V)
         pairs = [(r, c) for r, group in enumerate(batch) for c in range(len(group.continuations))]
-        for r, c in pairs:
-            scores[owners[r]][c] = float(first[r, batch[r].continuations[c][0]])
-        rest = sorted(
-            (p for p in pairs if len(batch[p[0]].continuations[p[1]]) > 1),
-            key=lambda p: len(batch[p[0]].continuations[p[1]]),
-        )
-        for chunk_start in range(0, len(rest), batch_size):
-            chunk = rest[chunk_start : chunk_start + batch_size]
-            choices = [batch[r].continuations[c] for r, c in chunk]
-            length = max(len(ids) for ids in choices)
-            tokens = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-            flags = torch.zeros((len(chunk), length - 1), dtype=torch.bool)
-            for i, ids in enumerate(choices):
-                tokens[i, : len(ids)] = torch.as_tensor(ids)
-                flags[i, : len(ids) - 1] = True
-            tokens, flags = tokens.to(device), flags.to(device)
-            rows_cache = _cache_rows(model, cache, [r for r, _ in chunk], pads, width, length - 1)
-            logprobs = torch.log_softmax(
-                model(tokens[:, :-1], cache=rows_cache).float(), dim=-1
-            )  # (n, T-1, V)
-            picked = logprobs.gather(2, tokens[:, 1:, None]).squeeze(2).double()  # (n, T-1)
-            sums = (picked * flags).sum(dim=1).tolist()
-            for (r, c), value in zip(chunk, sums, strict=True):
-                scores[owners[r]][c] += value
+        pair_rows = torch.as_tensor([r for r, _ in pairs], device=device)
+        first_tokens = torch.as_tensor([batch[r].continuations[c][0] for r, c in pairs], device=device)
+        firsts = picked_logprobs(last.index_select(0, pair_rows), first_tokens).tolist()
+        for (r, c), value in zip(pairs, firsts, strict=True):
+            scores[owners[r]][c] = value
+        # ranked[r]: the choices of row r that need more than their first token, longest first
+        ranked = [
+            sorted(
+                (c for c, ids in enumerate(group.continuations) if len(ids) > 1),
+                key=lambda c, g=group: -len(g.continuations[c]),
+            )
+            for group in batch
+        ]
+        for k in range(max(map(len, ranked))):
+            step = [(r, choices[k]) for r, choices in enumerate(ranked) if len(choices) > k]
+            inputs = [[pad_id] for _ in batch]
+            for r, c in step:
+                inputs[r] = batch[r].continuations[c]
+            tokens = _padded(inputs, pad_id).to(device)
+            if tokens.shape[1] < 2:
+                continue
+            sizes = torch.as_tensor([len(ids) - 1 for ids in inputs], device=device)
+            mask = torch.arange(tokens.shape[1] - 1, device=device) < sizes[:, None]  # (B, T-1)
+            cache.length = width  # rewind to the end of the contexts
+            logits = model(tokens[:, :-1], cache=cache)
+            picked = picked_logprobs(logits[mask], tokens[:, 1:][mask])
+            row_of = torch.arange(len(batch), device=device)[:, None].expand_as(mask)[mask]
+            sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row_of, picked)
+            sums = sums.tolist()
+            for r, c in step:
+                scores[owners[r]][c] += sums[r]
         progress.update(len(batch))
     return scores
 
@@ -203,17 +256,22 @@ def score_groups(
     tokenizer: FucinaTokenizer,
     groups: Sequence[tuple[str, Sequence[str]]],
     *,
-    batch_size: int = 32,
-    bf16: bool = False,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_size: int | None = None,
+    bf16: bool | None = None,
     share_context: bool | None = None,
     show_progress: bool = True,
     desc: str = "loglikelihood",
 ) -> list[list[ContinuationScore]]:
     """Score each group's continuations given its context (see the module doc); results in input order.
 
-    `share_context`: None = use the shared-context path when the model allows it; True/False forces it.
-    `batch_size` is rows per forward: (context, continuation) rows, or questions when sharing contexts.
+    Batches hold up to `batch_tokens` token slots (padding included) and, when `batch_size` is given, at
+    most that many rows: (context, continuation) rows, or questions when sharing contexts.
+    `share_context`: None = the shared-context path when the model allows it; True/False forces it.
+    `bf16`: None = bf16 autocast where the device has native bf16 (see `runtime`), True/False forces it.
     """
+    if batch_tokens < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"batch_tokens and batch_size must be at least 1, got {batch_tokens}, {batch_size}")
     encoded = _encode_groups(tokenizer, groups, context_length_of(model))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     shared = _kv_cache_rewindable(model) if share_context is None else share_context
@@ -224,7 +282,7 @@ def score_groups(
         tqdm(total=total, desc=desc, unit="q" if shared else "row", disable=not show_progress) as progress,
     ):
         score = _score_shared if shared else _score_plain
-        logprobs = score(model, encoded, batch_size, pad_id, device, progress)
+        logprobs = score(model, encoded, batch_tokens, batch_size, pad_id, device, progress)
     return [
         [
             ContinuationScore(value, len(ids), group.context_truncated, cut)

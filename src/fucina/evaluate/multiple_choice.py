@@ -19,7 +19,7 @@ from torch import nn
 
 from fucina.errors import DataError
 from fucina.evaluate.heldout import resolve_data_dir
-from fucina.evaluate.loglikelihood import score_groups
+from fucina.evaluate.loglikelihood import DEFAULT_BATCH_TOKENS, score_groups
 from fucina.evaluate.prompts import Question, build_questions
 from fucina.evaluate.report import ScoreRow, bootstrap_interval, matthews_correlation, wilson_interval
 from fucina.evaluate.task_config import TaskSpec, load_fewshot_pool, load_items, load_task_spec
@@ -125,12 +125,17 @@ def evaluate_task(
     shots: int = 0,
     limit: int | None = None,
     seed: int = 0,
-    batch_size: int = 32,
-    bf16: bool = False,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    batch_size: int | None = None,
+    bf16: bool | None = None,
     share_context: bool | None = None,
     show_progress: bool = True,
 ) -> TaskResult:
-    """Score a multiple-choice task (a built-in name, a YAML path or a TaskSpec) and compute its metrics."""
+    """Score a multiple-choice task (a built-in name, a YAML path or a TaskSpec) and compute its metrics.
+
+    Batching, bf16 and context sharing as `score_groups` (defaults: 8192-token batches, bf16 where the
+    device has it natively, shared contexts for the fucina Transformer).
+    """
     spec = task if isinstance(task, TaskSpec) else load_task_spec(task)
     root = resolve_data_dir(data_dir)
     items = load_items(spec, root)
@@ -141,6 +146,7 @@ def evaluate_task(
         model,
         tokenizer,
         [(q.context, q.continuations) for q in questions],
+        batch_tokens=batch_tokens,
         batch_size=batch_size,
         bf16=bf16,
         share_context=share_context,

@@ -3,8 +3,11 @@
 Everything evaluation needs from a model is `model(input_ids) -> logits (B, T, V)` and
 `model.config.context_length`, so any module with that call signature can be scored (the fucina
 `Transformer`, or a small stand-in in tests). Scoring runs under `torch.inference_mode` with the model in
-eval mode; bf16 autocast is opt-in because on CPU it is often slower and it perturbs log-probabilities in
-the third decimal.
+eval mode, optionally under bf16 autocast. `bf16=None` means "bf16 where the hardware has native bf16
+matrix units" (CPUs with AVX512-BF16 or AMX, CUDA GPUs that support it), else fp32: on such a CPU a
+PicoDAC-size forward runs 2-3x faster, and a trained PicoDAC's ITALIC log-probabilities move by 0.02
+nats on average (of about -66) with no changed prediction in 300 questions. Without native bf16, autocast
+emulates it and is slower than fp32, so it stays off. Log-softmax is always taken in fp32.
 """
 
 from __future__ import annotations
@@ -34,18 +37,47 @@ def device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matrix products in hardware (so bf16 autocast is a speed-up)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def resolve_bf16(bf16: bool | None, device: torch.device) -> bool:
+    """`bf16` itself when given; for None, whether the device has native bf16 (see the module doc)."""
+    return native_bf16(device) if bf16 is None else bf16
+
+
 @contextlib.contextmanager
-def scoring_mode(model: nn.Module, bf16: bool = False) -> Iterator[torch.device]:
-    """Eval mode + inference mode (+ bf16 autocast if asked) for the duration; yields the device."""
+def scoring_mode(model: nn.Module, bf16: bool | None = False) -> Iterator[torch.device]:
+    """Eval mode + inference mode (+ bf16 autocast: True, False or None = auto) for the duration.
+
+    Yields the model's device.
+    """
     device = device_of(model)
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if resolve_bf16(bf16, device)
+        else contextlib.nullcontext()
+    )
     try:
         with torch.inference_mode(), autocast:
             yield device
     finally:
         model.train(was_training)
+
+
+def picked_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) of each row of `logits` (M, V) at `targets` (M,), as float64 (fp32 logsumexp)."""
+    logits = logits.float()
+    picked = logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return picked.double()
 
 
 def summed_target_logprobs(
@@ -74,8 +106,7 @@ def summed_target_logprobs(
     mask = mask.to(device)
     logits = model(tokens[:, :-1])  # (B, T, V)
     targets = tokens[:, 1:][mask]  # (M,) the scored targets of every row, row after row
-    logprobs = torch.log_softmax(logits[mask].float(), dim=-1)  # (M, V)
-    picked = logprobs.gather(1, targets[:, None]).squeeze(1).double()  # (M,)
+    picked = picked_logprobs(logits[mask], targets)  # (M,)
     row_of = torch.arange(len(rows), device=device)[:, None].expand_as(mask)[mask]  # (M,)
     sums = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_of, picked)
     return sums.tolist(), mask.sum(dim=1).tolist()

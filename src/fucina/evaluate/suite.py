@@ -25,8 +25,10 @@ from torch import nn
 from fucina.errors import ConfigError
 from fucina.evaluate.heldout import HELDOUT_SOURCES, heldout_conversations, heldout_texts
 from fucina.evaluate.intrinsic import IntrinsicResult, evaluate_conversations, evaluate_file, evaluate_texts
+from fucina.evaluate.loglikelihood import DEFAULT_BATCH_TOKENS
 from fucina.evaluate.multiple_choice import evaluate_task
 from fucina.evaluate.report import ScoreRow, rows_to_dicts
+from fucina.evaluate.runtime import context_length_of
 from fucina.evaluate.tokenizer_report import tokenizer_report
 from fucina.tokenizer import FucinaTokenizer
 
@@ -46,9 +48,10 @@ class EvalSettings:
     shots: int = 0
     limit: int | None = None
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int | None = None  # rows per forward; None: as many as batch_tokens allows
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # token slots per forward, padding included
     stride: int | None = None
-    bf16: bool = False
+    bf16: bool | None = None  # None: bf16 for multiple choice where native, fp32 for bits per byte
     show_progress: bool = True
 
 
@@ -94,13 +97,20 @@ def _intrinsic_rows(task: str, result: IntrinsicResult) -> list[ScoreRow]:
     ]
 
 
+def _windows_per_batch(model: nn.Module, settings: EvalSettings) -> int:
+    """Bits-per-byte windows per forward: `batch_size`, else as many context windows as batch_tokens holds."""
+    if settings.batch_size is not None:
+        return settings.batch_size
+    return max(1, settings.batch_tokens // context_length_of(model))
+
+
 def _heldout_intrinsic(
     model: nn.Module, tokenizer: FucinaTokenizer, settings: EvalSettings, report: EvaluationReport
 ) -> None:
     options = dict(
         stride=settings.stride,
-        batch_size=settings.batch_size,
-        bf16=settings.bf16,
+        batch_size=_windows_per_batch(model, settings),
+        bf16=settings.bf16 is True,
         show_progress=settings.show_progress,
     )
     for source, (_, kind) in HELDOUT_SOURCES.items():
@@ -150,8 +160,8 @@ def run_evaluation(
                 limit=settings.limit,
                 name=name,
                 stride=settings.stride,
-                batch_size=settings.batch_size,
-                bf16=settings.bf16,
+                batch_size=_windows_per_batch(model, settings),
+                bf16=settings.bf16 is True,
                 show_progress=settings.show_progress,
             )
             report.rows += _intrinsic_rows(name, result)
@@ -165,6 +175,7 @@ def run_evaluation(
                 shots=settings.shots,
                 limit=settings.limit,
                 seed=settings.seed,
+                batch_tokens=settings.batch_tokens,
                 batch_size=settings.batch_size,
                 bf16=settings.bf16,
                 show_progress=settings.show_progress,

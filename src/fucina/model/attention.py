@@ -71,10 +71,10 @@ def attend(
 def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether plain matmuls + softmax beat SDPA: CPU training in half precision at moderate lengths.
 
-    torch's CPU flash kernel computes its bf16 backward ~4-8x slower than two bf16 matmuls and a float32
-    softmax (fwd+bwd, 8x6 heads x 64 tokens: 9.5 vs 1.6 ms; 2x6 heads/2 kv x 256: 15.8 vs 9.6 ms). The explicit
-    path holds the (B, H, T, S) scores and loses to flash from ~512 keys (2x8 x 512: 89 vs 68 ms), so it is
-    limited to S <= 256; fp32 and inference keep SDPA.
+    torch's CPU flash kernel computes its bf16 backward several times slower than bf16 matmuls with a
+    float32 softmax (forward + backward, 8 x 6 heads x 64 tokens: 5.4 vs 1.2 ms); at 256 keys the two are
+    on par (2 x 6 heads / 2 kv: 7.8 vs 7.5 ms) and from ~512 keys flash wins (it never holds the (B, H, T, S)
+    scores), so the explicit path is limited to S <= 256; fp32 and inference keep SDPA.
     """
     return (
         q.requires_grad
@@ -97,16 +97,28 @@ def _explicit_attention(
     """softmax(q k^T / sqrt(hd), hiding keys where `hidden` is True) v, the softmax in float32.
 
     GQA without copies: the n_rep query heads of one kv head are stacked along the query axis, so each kv
-    head is read once by one matmul (no repeated keys/values, no reduction over copies in backward).
+    head is read once by one matmul (no repeated keys/values, no reduction over copies in backward). A
+    mask shared by the batch becomes a -inf bias added inside the score matmul (baddbmm, which also
+    applies the 1/sqrt(hd) scale): no separate masking or scaling pass over the scores, forward or back.
     """
     B, H, T, hd = q.shape
     KV, S = k.size(1), k.size(2)
-    grouped = (q * (1.0 / math.sqrt(hd))).reshape(B, KV, H // KV * T, hd)  # scaling q: fewer elements
-    scores = (grouped @ k.transpose(-2, -1)).view(B, H, T, S)  # (B, H, T, S)
-    if hidden is not None:
-        scores = scores.masked_fill(hidden, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (probs.view(B, KV, H // KV * T, S) @ v).view(B, H, T, hd)  # (B, H, T, hd)
+    rows = H // KV * T  # query rows per kv head
+    q3 = q.reshape(B * KV, rows, hd)  # (B*KV, n_rep*T, hd)
+    k3 = k.reshape(B * KV, S, hd).transpose(1, 2)  # (B*KV, hd, S)
+    scale = 1.0 / math.sqrt(hd)
+    if hidden is not None and hidden.dim() == 4 and hidden.size(0) == 1:
+        hidden = hidden[0, 0]  # (T, S): one mask for every row
+    if hidden is None:
+        scores = torch.bmm(q3, k3).view(B, H, T, S) * scale
+    elif hidden.dim() == 2:
+        bias = torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+        scores = torch.baddbmm(bias.repeat(H // KV, 1), q3, k3, alpha=scale).view(B, H, T, S)
+    else:  # per-row masks (left padding)
+        scores = (torch.bmm(q3, k3).view(B, H, T, S) * scale).masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (B, H, T, S)
+    out = torch.bmm(probs.view(B * KV, rows, S), v.reshape(B * KV, S, v.size(-1)))
+    return out.view(B, H, T, v.size(-1))  # (B, H, T, hd_v)
 
 
 class Attention(nn.Module):

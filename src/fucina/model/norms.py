@@ -40,7 +40,8 @@ class RMSNorm(nn.Module):
         self.register_buffer("eps_tensor", torch.tensor(eps, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps_tensor if x.dtype == self.eps_tensor.dtype else self.eps)
+        fast = x.dtype == torch.float32 and self.eps_tensor.dtype == torch.float32  # else F.rms_norm
+        return rms_norm(x, self.weight, self.eps_tensor if fast else self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
