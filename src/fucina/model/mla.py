@@ -28,9 +28,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fucina.model.attention import attend
 from fucina.model.linear import make_linear
 from fucina.model.norms import RMSNorm
 from fucina.model.positions import RotaryEmbedding, apply_rotary
@@ -117,9 +117,8 @@ class LatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T or S, ·)
         mask, is_causal = ctx.attention_mask(self.window)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (B, H, T, v); scale 1/sqrt(nope + rope), q's size
+        # (B, H, T, v); scale 1/sqrt(nope + rope), q's size; `attend` picks the fastest kernel
+        y = attend(q, k, v, mask, is_causal, self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.value_dim)
         return self.resid_dropout(self.out_proj(y))
 
