@@ -1,7 +1,7 @@
 """`fucina eval`: intrinsic metrics, Italian multiple-choice benchmarks and the tokenizer report.
 
     fucina eval --model runs/x --tasks bpb,italic,exams,xcopa,itacola,fever [--shots 0] [--limit N]
-                [--batch-size 32] [--data-dir DIR] [--out results.json]
+                [--batch-tokens 8192] [--batch-size N] [--data-dir DIR] [--out results.json]
     fucina eval --tokenizer runs/x/best --tasks tokenizer      # no model needed
     fucina eval --list-tasks
 
@@ -42,14 +42,25 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--limit", type=int, help="evaluate a seeded sample of N items per task (first N documents for bpb)"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=8192,
+        help="tokens per forward pass, padding included (default 8192)",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="cap on rows per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit samples and few-shot draws")
     parser.add_argument("--stride", type=int, help="bpb window stride in tokens (default: context length)")
     parser.add_argument(
         "--data-dir", type=Path, help="evaluation data root (default $FUCINA_DATA_DIR or ../shared/data)"
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--bf16", action="store_true", help="score under bf16 autocast")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score under bf16 autocast (default: on where the hardware computes bf16 natively)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
@@ -67,7 +78,9 @@ def _list_tasks() -> int:
 def run_eval(args: argparse.Namespace) -> int:
     if args.list_tasks:
         return _list_tasks()
-    if args.batch_size < 1:
+    if args.batch_tokens < 1:
+        raise ConfigError(f"--batch-tokens must be at least 1, got {args.batch_tokens}")
+    if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     tasks = parse_task_list(args.tasks)
     model = tokenizer = None
@@ -88,6 +101,7 @@ def run_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         batch_size=args.batch_size,
+        batch_tokens=args.batch_tokens,
         stride=args.stride,
         bf16=args.bf16,
         show_progress=not args.no_progress,

@@ -15,13 +15,18 @@ Design choices, and why:
   context (lm-eval cuts per choice, so there a longer choice may see less context than a shorter one).
   Only a continuation longer than the model's context itself loses its first tokens, which are then not
   scored (after one token of context).
-- Shared context: with a fucina Transformer whose layers all keep plain key/value caches (`LayerKV`),
-  each context is run once into a KV cache; the last context position gives every choice's first token,
-  and the choices longer than one token continue from copies of their context's cache rows, re-batched
-  by continuation length. On ITALIC this runs 0.72 M instead of 1.79 M token positions (2.5x). Other
-  models (a layer whose cache is not plain keys and values, or no `new_cache`), or
-  `share_context=False`, take the plain path: each (context, continuation) row on its own, rows sorted by
-  length and right-padded per batch. Both paths give the same numbers (tested).
+- Batches are filled to a token budget (`batch_tokens`, 8192 slots, padding included), rows sorted by
+  length so padding stays small; bf16 autocast where the CPU/GPU has native bf16 (see `runtime`).
+  Log-probabilities are taken only at the scored positions: gather the target logit, subtract an fp32
+  logsumexp.
+- Plain path (`share_context=False`, or a model without plain KV caches): each (context, continuation)
+  row on its own, right-padded per batch.
+- Shared context (the default for a fucina Transformer whose layers all keep plain key/value
+  caches): each context runs once into a KV cache; its last position scores every choice's first token,
+  then each question's k-th longest choice (k = 1, 2, ...) runs after its context from the same cache,
+  rewound between steps (no copies). On ITALIC it runs 1.0 M padded token positions instead of the
+  plain path's 1.78 M; timings on the shared 2-core machine were too noisy to rank the paths (see
+  bench/eval_speed.py, which times both in one run). Both paths give the same numbers (tested).
 """
 
 from __future__ import annotations
@@ -197,14 +202,18 @@ def _score_shared(model, groups, batch_tokens, batch_size, pad_id, device, progr
     (right-padded to the longest), and the cache is rewound to the end of the contexts before the next
     k: no cache copies, the context keys and values are reused in place.
     """
+    # Questions whose choices have similar lengths share batches: little padding at each step k.
     order = sorted(
         range(len(groups)),
-        key=lambda g: (len(groups[g].context), max(map(len, groups[g].continuations))),
+        key=lambda g: sorted(map(len, groups[g].continuations), reverse=True),
         reverse=True,
     )
     scores = [[0.0] * len(group.continuations) for group in groups]
     # The LM head is needed only at the last context position (the fucina Transformer can skip the rest).
     last_only = {"last_only": True} if "last_only" in inspect.signature(model.forward).parameters else {}
+    # Under autocast the keys and values are computed in bf16: a bf16 cache stores them without casts.
+    autocast = torch.is_autocast_enabled(device.type)
+    cache_dtype = {"dtype": torch.get_autocast_dtype(device.type)} if autocast else {}
     slots = [len(groups[g].context) + max(map(len, groups[g].continuations)) - 1 for g in order]
     for run in token_batches(slots, batch_tokens, batch_size):
         owners = [order[k] for k in run]
@@ -213,7 +222,7 @@ def _score_shared(model, groups, batch_tokens, batch_size, pad_id, device, progr
         width = contexts.shape[1]
         extra = max(len(ids) for group in batch for ids in group.continuations) - 1
         pads = [width - len(group.context) for group in batch]
-        cache = model.new_cache(len(batch), max_length=width + max(extra, 1), pad_lengths=pads)
+        cache = model.new_cache(len(batch), max_length=width + max(extra, 1), pad_lengths=pads, **cache_dtype)
         last = model(contexts, cache=cache, **last_only)[:, -1]  # (B, V)
         pairs = [(r, c) for r, group in enumerate(batch) for c in range(len(group.continuations))]
         pair_rows = torch.as_tensor([r for r, _ in pairs], device=device)
@@ -267,14 +276,14 @@ def score_groups(
 
     Batches hold up to `batch_tokens` token slots (padding included) and, when `batch_size` is given, at
     most that many rows: (context, continuation) rows, or questions when sharing contexts.
-    `share_context`: None = the shared-context path when the model allows it; True/False forces it.
+    `share_context`: None/True = the shared-context path when the model allows it; False = plain.
     `bf16`: None = bf16 autocast where the device has native bf16 (see `runtime`), True/False forces it.
     """
     if batch_tokens < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f"batch_tokens and batch_size must be at least 1, got {batch_tokens}, {batch_size}")
     encoded = _encode_groups(tokenizer, groups, context_length_of(model))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    shared = _kv_cache_rewindable(model) if share_context is None else share_context
+    shared = share_context is not False and _kv_cache_rewindable(model)
     # Progress counts questions on the shared path, (question, choice) rows on the plain one.
     total = len(encoded) if shared else sum(len(group.continuations) for group in encoded)
     with (
