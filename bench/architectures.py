@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fucina.errors import DataError
 from fucina.model.config import ModelConfig
 from fucina.model.info import attention_cache_comparison, cache_bytes_per_token, count_parameters, state_bytes
 from fucina.model.transformer import Transformer
@@ -51,6 +52,8 @@ BATCH_SIZE = 16
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 10
 VAL_DOCUMENTS = 4  # the last prose documents by name are held out
+SHARED_TRAIN_CHARS = 8_000_000  # ~2M tokens: more than the fastest variant reads in 60 s
+SHARED_VAL_PASSAGES = 200
 
 BASE = ModelConfig(
     vocab_size=VOCAB_SIZE,
@@ -98,10 +101,32 @@ class Corpus:
     val_documents: int
 
 
-def load_corpus(vocab_size: int) -> Corpus:
-    """Built-in prose, the last VAL_DOCUMENTS held out; a BPE trained on the training documents only."""
+def corpus_texts(source: str) -> tuple[str, list[str], list[str]]:
+    """(description, training documents, held-out documents) of `source`.
+
+    "wikipedia": Italian Wikipedia passages from ../shared/data, SHARED_TRAIN_CHARS of the trainable ones
+    (enough that no variant sees a passage twice within a few minutes, so the fastest variant is not
+    penalised for overfitting) and SHARED_VAL_PASSAGES of the held-out ones. "builtin": the built-in prose,
+    the last VAL_DOCUMENTS held out (tiny: minutes of training repeat it many times over).
+    """
+    if source == "wikipedia":
+        from fucina.evaluate.heldout import heldout_texts, training_texts
+
+        train_texts, chars = [], 0
+        for text in training_texts(None, "wikipedia"):
+            train_texts.append(text)
+            chars += len(text)
+            if chars >= SHARED_TRAIN_CHARS:
+                break
+        val_texts = heldout_texts(None, "wikipedia")[:SHARED_VAL_PASSAGES]
+        return "Wikipedia passages (shared data)", train_texts, val_texts
     texts = [path.read_text(encoding="utf-8") for path in builtin_prose_files()]
-    train_texts, val_texts = texts[:-VAL_DOCUMENTS], texts[-VAL_DOCUMENTS:]
+    return "built-in prose", texts[:-VAL_DOCUMENTS], texts[-VAL_DOCUMENTS:]
+
+
+def load_corpus(vocab_size: int, source: str = "builtin") -> Corpus:
+    """Training and held-out token streams of `source`; a BPE trained on the training documents only."""
+    _, train_texts, val_texts = corpus_texts(source)
     tokenizer = train_tokenizer(train_texts, vocab_size=vocab_size, show_progress=False)
 
     def stream(documents: list[str]) -> torch.Tensor:
@@ -246,6 +271,12 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="to check the script runs: 1 s, batch 4, 4 val windows each"
     )
+    parser.add_argument(
+        "--corpus",
+        choices=("auto", "wikipedia", "builtin"),
+        default="auto",
+        help="wikipedia (../shared/data; default when present) or the built-in prose",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/...)")
     args = parser.parse_args()
     if args.threads:
@@ -257,9 +288,18 @@ def main() -> None:
         "architectures-quick.json" if args.quick else "architectures.json"
     )
 
-    corpus = load_corpus(VOCAB_SIZE)
+    source = args.corpus
+    if source == "auto":
+        from fucina.evaluate.heldout import resolve_data_dir
+
+        try:
+            resolve_data_dir(None)
+            source = "builtin" if args.quick else "wikipedia"
+        except DataError:  # no shared data here
+            source = "builtin"
+    corpus = load_corpus(VOCAB_SIZE, source)
     print(
-        f"built-in prose: {corpus.train_documents} training documents ({corpus.train.numel():,} tokens), "
+        f"{source}: {corpus.train_documents} training documents ({corpus.train.numel():,} tokens), "
         f"{corpus.val_documents} held out ({corpus.val.numel():,} tokens, {corpus.val_bytes:,} bytes); "
         f"{seconds:g} s of training per variant, batch {batch_size} x {CONTEXT}, "
         f"{torch.get_num_threads()} threads"
@@ -305,6 +345,7 @@ def main() -> None:
         "learning_rate": LEARNING_RATE,
         "base_config": BASE.to_dict(),
         "corpus": {
+            "source": source,
             "train_documents": corpus.train_documents,
             "train_tokens": corpus.train.numel(),
             "val_documents": corpus.val_documents,
