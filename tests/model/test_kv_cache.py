@@ -57,3 +57,16 @@ def test_gqa_cache_stores_only_the_kv_heads():
     cache = model.new_cache(batch_size=3, max_length=10)
     assert cache.layers[0].keys.shape == (3, 2, 10, model.config.head_size)
     assert cache.layers[0].values.shape == (3, 2, 10, model.config.head_size)
+
+
+@torch.inference_mode()
+def test_large_output_head_decodes_through_its_transposed_copy_with_the_same_logits():
+    # 2**22 head weights: decoding multiplies by the cached (d_model, vocab) copy (Transformer.logits).
+    model = tiny_model(vocab_size=1 << 16, d_model=64, n_heads=4, tie_embeddings=False)
+    model.lm_head.weight.normal_()  # make the logits large enough that a wrong layout would show
+    ids = _tokens(model, 10)
+    full = model(ids)
+    cache = model.new_cache(batch_size=2)
+    pieces = [model(ids[:, :4], cache)] + [model(ids[:, t : t + 1], cache) for t in range(4, 10)]
+    assert cache.head_t is not None and cache.head_t.shape == (64, 1 << 16)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-5)

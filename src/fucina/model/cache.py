@@ -54,6 +54,7 @@ class KVCache:
         self.length = 0  # slots filled so far, the same for every row
         self.pad_lengths = pad_lengths  # (B,) LongTensor of left-padding slots, or None
         self.padded = pad_lengths is not None and bool((pad_lengths > 0).any())
+        self.head_t: torch.Tensor | None = None  # the output head as (d_model, vocab), see Transformer.logits
 
     def reset(self) -> None:
         """Forget the cached sequence (the buffers are reused)."""

@@ -117,7 +117,33 @@ class Transformer(nn.Module):
             cache.length = end
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.final_norm(x))  # (B, T, vocab)
+        return self.logits(self.final_norm(x), cache)  # (B, T, vocab)
+
+    def logits(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The output head. While decoding on CPU it multiplies by a (d_model, vocab) copy of the head.
+
+        At batch 1 the head is the largest matrix a step reads (40% of llama-30m's weights) and CPU GEMV
+        kernels stream a row-major (vocab, d_model) weight at half the memory bandwidth they reach on its
+        transpose (11 vs 21 GB/s for 32000 x 384 on 2 cores): +8-12% tokens/s on llama-30m. A head that
+        fits in cache (under 4M weights, e.g. picodac's) gains nothing and keeps the plain path. The copy
+        lives in the cache, i.e. for one generation, during which the weights cannot change; training
+        never takes this path.
+        """
+        head = self.lm_head
+        if (
+            cache is None
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or type(head) is not nn.Linear
+            or head.weight.dtype != torch.float32
+            or x.dtype != torch.float32
+            or head.weight.numel() < _LARGE_HEAD
+        ):
+            return head(x)
+        if cache.head_t is None:
+            cache.head_t = head.weight.detach().t().contiguous()
+        logits = x @ cache.head_t
+        return logits if head.bias is None else logits + head.bias
 
     def auxiliary_loss(self) -> torch.Tensor:
         """Extra training loss from the last forward (e.g. MoE load balance); 0 when no part has one."""
@@ -155,6 +181,9 @@ class Transformer(nn.Module):
             for block in self.blocks
         ]
         return KVCache(layers, max_length, pads)
+
+
+_LARGE_HEAD = 1 << 22  # output-head weights beyond which decoding multiplies by its transposed copy
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
