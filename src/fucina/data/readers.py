@@ -278,6 +278,12 @@ def _non_blank_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     return ((number, raw) for number, raw in _numbered_lines(path) if raw.strip())
 
 
+def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(1-based line, record) of each non-blank line of a JSONL file (.xz/.gz too); DataError names the line."""
+    path = Path(path)
+    return ((line, _parse_json_object(raw, path, line)) for line, raw in _non_blank_lines(path))
+
+
 def _jsonl_text(raw: bytes, path: str | Path, line: int) -> str:
     return record_text(_parse_json_object(raw, path, line), path, line)
 

@@ -12,15 +12,13 @@ Design choices, and why:
 
 from __future__ import annotations
 
-import gzip
 import json
-import lzma
 import os
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from fucina.data.readers import iter_json_records as iter_jsonl_records
 from fucina.data.readers import record_conversation
 from fucina.errors import DataError
 
@@ -48,39 +46,6 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     if not path.is_dir():
         raise DataError(f"evaluation data directory not found; pass --data-dir or set ${DATA_DIR_ENV}", path)
     return path
-
-
-def _open_text(path: Path) -> IO[str]:
-    name = path.name.lower()
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_jsonl_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line, record) of each non-blank line of a JSONL file (optionally .xz/.gz)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("file not found", path)
-    line = 0
-    try:
-        with _open_text(path) as handle:
-            for line, raw in enumerate(handle, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", path, line) from None
-                if not isinstance(record, dict):
-                    raise DataError("expected a JSON object", path, line)
-                yield line, record
-    except UnicodeDecodeError as err:
-        raise DataError(f"invalid UTF-8 ({err.reason})", path, line + 1) from None
-    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as err:
-        raise DataError(f"compressed data is truncated or corrupt ({err})", path, line + 1) from None
 
 
 def _split_entry(data_dir: Path, source: str) -> tuple[str, str, set | None]:
