@@ -36,6 +36,7 @@ import torch
 
 from fucina.errors import CheckpointError, TokenizerError
 from fucina.model.config import ModelConfig
+from fucina.model.io import read_json_object
 from fucina.model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -70,16 +71,7 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"Hugging Face checkpoint directory not found: {directory}")
-    path = directory / HF_CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (save the model with save_pretrained)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable config ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(directory / HF_CONFIG_FILE, "save the model with save_pretrained")
 
 
 def _shard_files(directory: Path, index_name: str) -> list[Path]:

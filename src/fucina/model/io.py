@@ -66,20 +66,26 @@ def save_model(model: Transformer, directory: str | Path) -> None:
     )
 
 
+def read_json_object(path: Path, hint: str) -> dict:
+    """The JSON object in `path`; CheckpointError naming the file when it is missing (with `hint`) or bad."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing ({hint})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable config ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
 def load_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig stored in `directory/config.json`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"model directory not found: {directory}")
     path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable model config ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    data = read_json_object(path, f"a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     version = data.pop("fucina_model_version", None)
     if version is None:
         raise CheckpointError(f"{path}: not a fucina model config (no fucina_model_version)")
