@@ -156,11 +156,9 @@ def _special_ids(source: ExportSource) -> dict[str, Any]:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
-def _gpt2(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
-    from transformers import GPT2Config
-
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size,
+def _gpt2_block_fields(config: ModelConfig) -> dict:
+    """The GPT-2-family config fields (shared by GPT2Config and ImageGPTConfig) of a fucina config."""
+    return dict(
         n_positions=config.context_length,
         n_embd=config.d_model,
         n_layer=config.n_layers,
@@ -171,6 +169,15 @@ def _gpt2(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSou
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         layer_norm_epsilon=config.norm_eps,
+    )
+
+
+def _gpt2(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+    from transformers import GPT2Config
+
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size,
+        **_gpt2_block_fields(config),
         tie_word_embeddings=config.tie_embeddings,
         **_special_ids(source),
     )
@@ -330,16 +337,7 @@ def _imagegpt(config: ModelConfig, state: dict[str, torch.Tensor], source: Expor
     hf_config = _make_config(
         ImageGPTConfig,
         vocab_size=config.vocab_size + 1,  # ImageGPT's head has vocab_size - 1 rows: see the module docstring
-        n_positions=config.context_length,
-        n_embd=config.d_model,
-        n_layer=config.n_layers,
-        n_head=config.n_heads,
-        n_inner=config.ff_size,
-        activation_function=GPT2_ACTIVATIONS[config.mlp],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=config.norm_eps,
+        **_gpt2_block_fields(config),
         tie_word_embeddings=False,
         **_special_ids(source),
     )
