@@ -36,7 +36,7 @@ import torch
 
 from fucina.errors import CheckpointError, TokenizerError
 from fucina.model.config import ModelConfig
-from fucina.model.io import read_json_object
+from fucina.model.io import read_json_object, read_safetensors
 from fucina.model.transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -84,15 +84,7 @@ def _shard_files(directory: Path, index_name: str) -> list[Path]:
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from None
+    return read_safetensors(path, "an HF checkpoint holds model.safetensors or its shards")
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:

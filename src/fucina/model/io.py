@@ -99,9 +99,10 @@ def load_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, hint: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file on CPU; CheckpointError naming the file when missing or corrupt."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise CheckpointError(f"{path}: missing ({hint})")
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}
@@ -116,7 +117,7 @@ def load_model(
     directory = Path(directory)
     config = load_config(directory)
     weights_path = directory / WEIGHTS_FILE
-    weights = _read_weights(weights_path)
+    weights = read_safetensors(weights_path, f"a model directory holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     with torch.device(device):
         model = Transformer(config)
     expected = {

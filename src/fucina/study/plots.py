@@ -17,6 +17,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
+def _finish(figure, axis, path: Path) -> Path:
+    """Grid, legend and layout shared by the study's plots; the PNG is written and the figure closed."""
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
     """Validation bpb vs training FLOPs, one line per run."""
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -28,12 +38,7 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> Path:
     axis.set_xlabel("training FLOPs")
     axis.set_ylabel("validation bits per byte")
     axis.set_title("Depth vs width: validation bpb during training (equal compute)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _finish(figure, axis, path)
 
 
 def plot_bpb_vs_depth(records: list[dict[str, Any]], path: Path) -> Path:
@@ -77,9 +82,4 @@ def plot_bpb_vs_depth(records: list[dict[str, Any]], path: Path) -> Path:
     axis.set_xlabel("layers (log scale)")
     axis.set_ylabel("final validation bits per byte")
     axis.set_title("Depth vs width at equal compute")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _finish(figure, axis, path)
