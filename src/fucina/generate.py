@@ -14,18 +14,34 @@ Design choices:
   host synchronisation is the "is every row finished?" check: every step on CPU, every 8 steps on a GPU
   so the host can queue kernels ahead of the device (`stream` must sync per token to yield it). Without
   stop tokens there is no check at all: every row runs to its budget, known before the first step.
+- On CPU the steps multiply by oneDNN-packed copies of the dense weights (model/packed_linear.py),
+  which stream from memory several times faster than torch's default kernel at batch 1.
+- `compile=True` runs each one-token step through torch.compile (the prompt is still prefilled
+  eagerly). At batch 1 a small model's step is a few hundred tiny kernels whose dispatch costs more than
+  their arithmetic; compiled, they fuse into a few dozen. The step then needs the same shapes every
+  time: the new token's slot is a tensor, the cache is allocated in buckets of 128 slots and attention
+  reads all of them, masked. Compiling takes tens of seconds once per process and shape (inductor's disk
+  cache shortens later runs), so it pays off for long generations, chat sessions and servers; models
+  with a mixer that cannot decode at fixed shapes (Mamba) fall back to eager steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from fucina.errors import ConfigError, FucinaError
 from fucina.model.cache import KVCache
+from fucina.model.packed_linear import pack_linears, packed_decoding
 from fucina.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+_CACHE_BUCKET = 128  # compiled decoding allocates caches in multiples of this many slots
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled forward
 
 
 @dataclass
@@ -101,7 +117,9 @@ def choose_next_tokens(
 class _Decoding:
     """State of one batched generation: the cache, the per-row budgets and which rows still run."""
 
-    def __init__(self, model: Transformer, prompts: list[list[int]], sampling: SamplingConfig):
+    def __init__(
+        self, model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, compile: bool = False
+    ):
         if not prompts:
             raise FucinaError("generate needs at least one prompt")
         context = model.config.context_length
@@ -119,6 +137,8 @@ class _Decoding:
         self.model = model
         self.sampling = sampling
         device = model.token_embedding.weight.device
+        if device.type == "cpu":
+            pack_linears(model)
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
         pad_lengths = [longest - n for n in lengths]
@@ -130,9 +150,12 @@ class _Decoding:
         for row, prompt in enumerate(prompts):
             ids[row, pad_lengths[row] :] = torch.tensor(prompt, dtype=torch.long)
         self.prompt_ids = ids.to(device)
-        self.cache: KVCache = model.new_cache(
-            len(prompts), max_length=longest + max(self.steps - 1, 0), pad_lengths=pad_lengths
-        )
+        max_length = longest + max(self.steps - 1, 0)
+        self.compiled_step = compiled_step(model) if compile else None
+        if self.compiled_step is not None:  # few distinct shapes, so few compilations
+            limit = context + max(pad_lengths)
+            max_length = min(limit, -(-max_length // _CACHE_BUCKET) * _CACHE_BUCKET)
+        self.cache: KVCache = model.new_cache(len(prompts), max_length=max_length, pad_lengths=pad_lengths)
         self.seen = None
         if sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros((len(prompts), model.config.vocab_size), dtype=torch.bool, device=device)
@@ -152,8 +175,14 @@ class _Decoding:
 
     def step(self, previous: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed the prompt (first call) or the previous tokens; return (next tokens (B,), emitted (B,))."""
-        inputs = self.prompt_ids if previous is None else previous.unsqueeze(1)
-        logits = self.model(inputs, self.cache, last_only=True)[:, -1]  # (B, vocab)
+        if previous is None:
+            logits = self.model(self.prompt_ids, self.cache, last_only=True)[:, -1]  # (B, vocab)
+        elif self.compiled_step is None:
+            logits = self.model(previous.unsqueeze(1), self.cache, last_only=True)[:, -1]
+        else:
+            slot = torch.tensor(self.cache.length, device=previous.device)
+            logits = self.compiled_step(previous.unsqueeze(1), self.cache, last_only=True, slot=slot)[:, -1]
+            self.cache.length += 1
         tokens = choose_next_tokens(logits, self.sampling, self.seen, self.generator)
         if self.seen is not None:
             self.seen[torch.arange(tokens.size(0), device=tokens.device), tokens] = True
@@ -165,15 +194,36 @@ class _Decoding:
         return tokens, emitted
 
 
+def compiled_step(model: Transformer) -> Callable | None:
+    """torch.compile of the model's forward for fixed-shape one-token steps (one per model, reused).
+
+    None, with a warning, when a mixer cannot decode at fixed shapes.
+    """
+    unsupported = sorted(
+        {type(b.mixer).__name__ for b in model.blocks if not getattr(b.mixer, "fixed_shape_decoding", False)}
+    )
+    if unsupported:
+        log.warning("compiled decoding does not support %s layers: decoding eagerly", ", ".join(unsupported))
+        return None
+    if model not in _compiled_steps:
+        _compiled_steps[model] = torch.compile(model.forward, dynamic=False)
+    return _compiled_steps[model]
+
+
 def _steps(
-    model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, check_every: int = 1
+    model: Transformer,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    check_every: int = 1,
+    compile: bool = False,
 ) -> Iterator[tuple]:
     """Yield (tokens, emitted) per step until every row has finished (checked every `check_every`)."""
     with torch.inference_mode():
-        decoding = _Decoding(model, prompts, sampling)
+        decoding = _Decoding(model, prompts, sampling, compile)
     tokens = None
     for step in range(decoding.steps):
-        with torch.inference_mode():  # entered per step: the caller's code between yields runs normally
+        # Entered per step: the caller's code between yields runs normally.
+        with torch.inference_mode(), packed_decoding():
             tokens, emitted = decoding.step(tokens)
         yield tokens, emitted
         stoppable = decoding.stop_ids is not None  # else every row runs to its budget: no check needed
@@ -182,11 +232,16 @@ def _steps(
 
 
 def generate(
-    model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, check_every: int | None = None
+    model: Transformer,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    check_every: int | None = None,
+    compile: bool = False,
 ) -> list[list[int]]:
     """The new tokens for each prompt (stop tokens excluded), generated as one left-padded batch.
 
     `check_every`: steps between "has every row finished?" checks (default 1 on CPU, 8 on GPU).
+    `compile`: run the one-token steps through torch.compile (see the module docstring).
     """
     was_training = model.training
     model.eval()
@@ -195,7 +250,7 @@ def generate(
         # checking every few steps lets it queue work ahead (rows that stopped are trimmed below).
         check_every = 1 if model.token_embedding.weight.device.type == "cpu" else 8
     try:
-        columns = list(_steps(model, prompts, sampling, check_every))
+        columns = list(_steps(model, prompts, sampling, check_every, compile))
     finally:
         model.train(was_training)
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -211,12 +266,14 @@ def generate(
     return outputs
 
 
-def stream(model: Transformer, prompt: list[int], sampling: SamplingConfig) -> Iterator[int]:
+def stream(
+    model: Transformer, prompt: list[int], sampling: SamplingConfig, compile: bool = False
+) -> Iterator[int]:
     """Yield the new token ids of one prompt as they are produced (stop token excluded)."""
     was_training = model.training
     model.eval()
     try:
-        for tokens, emitted in _steps(model, [prompt], sampling):
+        for tokens, emitted in _steps(model, [prompt], sampling, compile=compile):
             if not bool(emitted[0]):
                 return
             yield int(tokens[0])

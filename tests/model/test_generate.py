@@ -158,3 +158,14 @@ def test_repetition_penalty_demotes_seen_tokens():
 def test_bad_sampling_values_are_rejected(bad):
     with pytest.raises(ConfigError, match="sampling."):
         SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("variant", ["gqa-rope-llama", "sliding-window-some-layers-learned"])
+def test_compiled_steps_generate_what_eager_steps_generate(variant):
+    # torch.compile'd fixed-shape steps (a cache bucket longer than needed, masked) against eager ones.
+    from tiny_models import VARIANTS
+
+    model = tiny_model(**VARIANTS[variant])
+    sampling = SamplingConfig(max_new_tokens=12, greedy=True)
+    prompts = PROMPTS[:2]  # two lengths: left padding too
+    assert generate(model, prompts, sampling, compile=True) == generate(model, prompts, sampling)

@@ -60,13 +60,28 @@ def test_gqa_cache_stores_only_the_kv_heads():
 
 
 @torch.inference_mode()
-def test_large_output_head_decodes_through_its_transposed_copy_with_the_same_logits():
-    # 2**22 head weights: decoding multiplies by the cached (d_model, vocab) copy (Transformer.logits).
-    model = tiny_model(vocab_size=1 << 16, d_model=64, n_heads=4, tie_embeddings=False)
-    model.lm_head.weight.normal_()  # make the logits large enough that a wrong layout would show
-    ids = _tokens(model, 10)
+def test_fixed_shape_steps_match_full_recomputation(variant_model):
+    # What compiled decoding runs: the slot is a tensor and attention reads every cache slot, masked.
+    model = variant_model
+    ids = _tokens(model, 16)
     full = model(ids)
-    cache = model.new_cache(batch_size=2)
-    pieces = [model(ids[:, :4], cache)] + [model(ids[:, t : t + 1], cache) for t in range(4, 10)]
-    assert cache.head_t is not None and cache.head_t.shape == (64, 1 << 16)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-5)
+    cache = model.new_cache(batch_size=2, max_length=24)  # 8 slots never filled: the mask must hide them
+    pieces = [model(ids[:, :5], cache)]
+    for t in range(5, 16):
+        pieces.append(model(ids[:, t : t + 1], cache, slot=torch.tensor(cache.length)))
+        cache.length += 1
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_fixed_shape_steps_of_left_padded_rows_match_each_row_alone(variant_model):
+    model = variant_model
+    short, long = _tokens(model, 6, seed=4, batch=1)[0], _tokens(model, 9, seed=5, batch=1)[0]
+    batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
+    cache = model.new_cache(batch_size=2, max_length=16, pad_lengths=[3, 0])
+    model(batch, cache)
+    nxt = torch.tensor([[5], [6]])
+    step = model(nxt, cache, slot=torch.tensor(cache.length))
+    for row, alone in enumerate([short, long]):
+        expected = model(torch.cat([alone, nxt[row]]).unsqueeze(0))[0, -1]
+        torch.testing.assert_close(step[row, -1], expected, atol=1e-5, rtol=0)

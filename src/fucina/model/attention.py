@@ -124,6 +124,8 @@ def _explicit_attention(
 class Attention(nn.Module):
     """Causal self-attention of one layer; `config.window(layer_index)` selects a sliding window."""
 
+    fixed_shape_decoding = True  # accepts a tensor ctx.start (see cache.py): compiled decoding works
+
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index

@@ -9,6 +9,9 @@ Design choices:
 - Batches of prompts with different lengths are left-padded: `pad_lengths[b]` slots at the start of row
   b hold padding that no query attends to, and the row's positions count from its first real token
   (position = slot - pad_lengths[b]), so every row computes what it would compute alone.
+- Compiled decoding (generate's `compile=True`) needs shapes that do not change from token to token: the
+  new token's slot is then a 0-d tensor, written with index_copy_, and attention reads every slot of the
+  buffers, the unfilled ones hidden by the mask (see ForwardContext.attention_mask).
 - Sliding-window layers keep the full cache and mask the keys outside the window: simple and exactly
   right; a ring buffer of `window` slots would save memory on long generations but is not needed at our
   context lengths.
@@ -36,9 +39,17 @@ class LayerKV:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
 
     def update(
-        self, keys: torch.Tensor, values: torch.Tensor, start: int
+        self, keys: torch.Tensor, values: torch.Tensor, start: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values (B, kv_heads, T, hd) at slots start..start+T; return all filled slots."""
+        """Store keys/values (B, kv_heads, T, hd) at slots start..start+T; return all filled slots.
+
+        With a tensor `start` (fixed-shape decoding) the whole buffers come back, filled or not.
+        """
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(keys.size(2), device=start.device)
+            self.keys.index_copy_(2, slots, keys)
+            self.values.index_copy_(2, slots, values)
+            return self.keys, self.values  # (B, kv_heads, max_length, hd)
         end = start + keys.size(2)
         self.keys[:, :, start:end] = keys
         self.values[:, :, start:end] = values
@@ -54,7 +65,6 @@ class KVCache:
         self.length = 0  # slots filled so far, the same for every row
         self.pad_lengths = pad_lengths  # (B,) LongTensor of left-padding slots, or None
         self.padded = pad_lengths is not None and bool((pad_lengths > 0).any())
-        self.head_t: torch.Tensor | None = None  # the output head as (d_model, vocab), see Transformer.logits
 
     def reset(self) -> None:
         """Forget the cached sequence (the buffers are reused)."""

@@ -17,20 +17,23 @@ from fucina.model.positions import Positions
 
 
 def build_attention_mask(
-    start: int,
+    start: int | torch.Tensor,
     length: int,
     pad_lengths: torch.Tensor | None = None,
     window: int | None = None,
     device: torch.device | str | None = None,
+    key_slots: int | None = None,
 ) -> torch.Tensor:
-    """Boolean mask (B or 1, 1, length, start + length), True where a query may attend a key.
+    """Boolean mask (B or 1, 1, length, S), True where a query may attend a key.
 
     Query t sits at slot s = start + t and attends key slots j with j <= s, j >= pad_lengths[b] (real
     tokens only) and, with a window, s - window < j. A padding query attends itself only, so its softmax
-    row stays finite; no real query ever reads it.
+    row stays finite; no real query ever reads it. S is start + length, or `key_slots` (the whole cache)
+    when `start` is a 0-d tensor (fixed-shape decoding).
     """
-    query_slots = torch.arange(start, start + length, device=device).unsqueeze(1)  # (T, 1)
-    key_slots = torch.arange(start + length, device=device).unsqueeze(0)  # (1, S)
+    span = key_slots if key_slots is not None else start + length
+    query_slots = (start + torch.arange(length, device=device)).unsqueeze(1)  # (T, 1)
+    key_slots = torch.arange(span, device=device).unsqueeze(0)  # (1, S)
     allowed = key_slots <= query_slots  # (T, S)
     if window is not None:
         allowed = allowed & (key_slots > query_slots - window)
@@ -45,7 +48,9 @@ def build_attention_mask(
 class ForwardContext:
     """Per-forward facts shared by all layers; see the module docstring."""
 
-    start: int  # cache slot of the first new token (0 without a cache)
+    start: (
+        int | torch.Tensor
+    )  # cache slot of the first new token (0 without a cache); 0-d tensor: fixed shapes
     length: int  # number of new tokens T
     positions: Positions  # slice(start, end) or (B, T) position ids
     device: torch.device
@@ -58,8 +63,15 @@ class ForwardContext:
         """(mask, is_causal) for scaled_dot_product_attention over keys 0..start+length.
 
         No mask at all when SDPA's own `is_causal` (a fresh, unpadded sequence) or nothing (one new
-        token attending every cached key) says the same thing: that keeps the fused kernels.
+        token attending every cached key) says the same thing: that keeps the fused kernels. With a
+        tensor `start` the keys are every slot of the cache and the mask always hides the unfilled ones.
         """
+        if isinstance(self.start, torch.Tensor):
+            if window not in self._masks:
+                self._masks[window] = build_attention_mask(
+                    self.start, self.length, self.pad_lengths, window, self.device, self.cache.max_length
+                )
+            return self._masks[window], False
         end = self.start + self.length
         if window is not None and end <= window:
             window = None  # the window cuts nothing yet

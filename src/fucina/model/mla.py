@@ -56,9 +56,14 @@ class LatentKV:
         self.rope_keys = torch.zeros((batch_size, max_length, rope_dim), device=device, dtype=dtype)
 
     def update(
-        self, latents: torch.Tensor, rope_keys: torch.Tensor, start: int
+        self, latents: torch.Tensor, rope_keys: torch.Tensor, start: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, T, ·) at slots start..start+T; return every filled slot."""
+        """Store (B, T, ·) at slots start..start+T; return every filled slot (all, for a tensor start)."""
+        if isinstance(start, torch.Tensor):  # fixed-shape decoding, as in cache.LayerKV
+            slots = start + torch.arange(latents.size(1), device=start.device)
+            self.latents.index_copy_(1, slots, latents)
+            self.rope_keys.index_copy_(1, slots, rope_keys)
+            return self.latents, self.rope_keys
         end = start + latents.size(1)
         self.latents[:, start:end] = latents
         self.rope_keys[:, start:end] = rope_keys
@@ -67,6 +72,8 @@ class LatentKV:
 
 class LatentAttention(nn.Module):
     """Multi-head latent attention of one layer (registered as mixer "mla")."""
+
+    fixed_shape_decoding = True  # accepts a tensor ctx.start: compiled decoding works
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()

@@ -30,6 +30,7 @@ from fucina.model.cache import KVCache
 from fucina.model.config import ModelConfig
 from fucina.model.context import ForwardContext
 from fucina.model.norms import RMSNorm, build_norm
+from fucina.model.packed_linear import DenseLinear
 from fucina.model.positions import RotaryEmbedding
 
 
@@ -51,7 +52,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()  # no call cost
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = build_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = DenseLinear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.init_weights()
@@ -77,25 +78,44 @@ class Transformer(nn.Module):
                 module.init_special_parameters()
 
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for input_ids (B, T); (B, 1, vocab) with last_only."""
+        """Logits (B, T, vocab) for input_ids (B, T); (B, 1, vocab) with last_only.
+
+        `slot` (a 0-d tensor, with a cache): write the new tokens at that slot and attend over the whole
+        cache, so every step has the same shapes (what torch.compile'd decoding needs); the caller then
+        advances `cache.length` itself.
+        """
         B, T = input_ids.shape
-        start = 0 if cache is None else cache.length
-        end = start + T
-        limit = self.config.context_length if cache is None else cache.max_length
-        if end > limit:
-            raise ValueError(
-                f"{end} tokens do not fit: the {'context' if cache is None else 'cache'} holds {limit}"
-            )
         pad_lengths = cache.pad_lengths if cache is not None and cache.padded else None
-        if pad_lengths is None:
-            positions = slice(start, end)  # every row at the same offsets
-        else:  # left-padded rows count positions from their first real token
-            slots = torch.arange(start, end, device=input_ids.device)
-            positions = (slots.unsqueeze(0) - pad_lengths.unsqueeze(1)).clamp(
-                0, self.config.context_length - 1
+        if slot is not None:
+            if cache is None:
+                raise ValueError("a slot needs a cache")
+            start = slot
+            slots = slot + torch.arange(T, device=input_ids.device)  # (T,)
+            positions = (
+                slots.unsqueeze(0) if pad_lengths is None else slots.unsqueeze(0) - pad_lengths.unsqueeze(1)
             )
+            positions = positions.clamp(0, self.config.context_length - 1)  # (1 or B, T)
+        else:
+            start = 0 if cache is None else cache.length
+            end = start + T
+            limit = self.config.context_length if cache is None else cache.max_length
+            if end > limit:
+                raise ValueError(
+                    f"{end} tokens do not fit: the {'context' if cache is None else 'cache'} holds {limit}"
+                )
+            if pad_lengths is None:
+                positions = slice(start, end)  # every row at the same offsets
+            else:  # left-padded rows count positions from their first real token
+                slots = torch.arange(start, end, device=input_ids.device)
+                positions = (slots.unsqueeze(0) - pad_lengths.unsqueeze(1)).clamp(
+                    0, self.config.context_length - 1
+                )
 
         x = self.token_embedding(input_ids)  # (B, T, d_model)
         if self.position_embedding is not None:
@@ -113,37 +133,11 @@ class Transformer(nn.Module):
         checkpointing = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, ctx, use_reentrant=False) if checkpointing else block(x, ctx)
-        if cache is not None:
+        if cache is not None and slot is None:
             cache.length = end
         if last_only:
             x = x[:, -1:]
-        return self.logits(self.final_norm(x), cache)  # (B, T, vocab)
-
-    def logits(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The output head. While decoding on CPU it multiplies by a (d_model, vocab) copy of the head.
-
-        At batch 1 the head is the largest matrix a step reads (40% of llama-30m's weights) and CPU GEMV
-        kernels stream a row-major (vocab, d_model) weight at half the memory bandwidth they reach on its
-        transpose (11 vs 21 GB/s for 32000 x 384 on 2 cores): +8-12% tokens/s on llama-30m. A head that
-        fits in cache (under 4M weights, e.g. picodac's) gains nothing and keeps the plain path. The copy
-        lives in the cache, i.e. for one generation, during which the weights cannot change; training
-        never takes this path.
-        """
-        head = self.lm_head
-        if (
-            cache is None
-            or torch.is_grad_enabled()
-            or x.device.type != "cpu"
-            or type(head) is not nn.Linear
-            or head.weight.dtype != torch.float32
-            or x.dtype != torch.float32
-            or head.weight.numel() < _LARGE_HEAD
-        ):
-            return head(x)
-        if cache.head_t is None:
-            cache.head_t = head.weight.detach().t().contiguous()
-        logits = x @ cache.head_t
-        return logits if head.bias is None else logits + head.bias
+        return self.lm_head(self.final_norm(x))  # (B, T, vocab)
 
     def auxiliary_loss(self) -> torch.Tensor:
         """Extra training loss from the last forward (e.g. MoE load balance); 0 when no part has one."""
@@ -181,9 +175,6 @@ class Transformer(nn.Module):
             for block in self.blocks
         ]
         return KVCache(layers, max_length, pads)
-
-
-_LARGE_HEAD = 1 << 22  # output-head weights beyond which decoding multiplies by its transposed copy
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

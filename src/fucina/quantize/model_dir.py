@@ -33,6 +33,7 @@ from torch import nn
 from fucina.errors import CheckpointError, ConfigError
 from fucina.model.config import ModelConfig
 from fucina.model.io import CONFIG_FILE, MODEL_VERSION, WEIGHTS_FILE
+from fucina.model.packed_linear import DenseLinear
 from fucina.model.transformer import Transformer
 from fucina.quantize.layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 
@@ -74,7 +75,8 @@ def quantizable_linears(model: Transformer) -> dict[str, nn.Linear]:
     layers = {
         f"blocks.{name}": module
         for name, module in model.blocks.named_modules()
-        if type(module) is nn.Linear  # subclasses (BitNet's BitLinear) carry their own quantization
+        # plain projections only: other subclasses (BitNet's BitLinear) carry their own quantization
+        if type(module) in (nn.Linear, DenseLinear)
     }
     if not model.config.tie_embeddings:
         layers["lm_head"] = model.lm_head

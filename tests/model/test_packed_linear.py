@@ -1,0 +1,57 @@
+"""Decoding through oneDNN-packed weights: same numbers as F.linear, never stale, never saved."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_model
+
+from fucina.generate import SamplingConfig, generate
+from fucina.model.packed_linear import DenseLinear, pack_linears, packed_decoding, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+
+
+@torch.inference_mode()
+def test_packed_product_equals_the_plain_one():
+    layer = DenseLinear(48, 80, bias=True)
+    x = torch.randn(3, 48)
+    pack_linears(layer)
+    assert layer.packed is not None
+    with packed_decoding():
+        packed = layer(x)
+    torch.testing.assert_close(packed, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_a_changed_weight_is_repacked_before_the_next_generation():
+    model = tiny_model(positions="rope", mlp="swiglu", tie_embeddings=False)
+    sampling = SamplingConfig(max_new_tokens=8, greedy=True)
+    generate(model, [[3, 14, 15]], sampling)  # packs every projection
+    with torch.no_grad():  # what an optimizer step does: change the weights in place
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    fresh = tiny_model(positions="rope", mlp="swiglu", tie_embeddings=False)
+    fresh.load_state_dict(model.state_dict())
+    assert generate(model, [[3, 14, 15]], sampling) == generate(fresh, [[3, 14, 15]], sampling)
+
+
+def test_outside_decoding_the_plain_weight_is_used():
+    layer = DenseLinear(16, 8)
+    pack_linears(layer)
+    with torch.no_grad():
+        layer.weight.zero_()  # not repacked: only packed_decoding() would read the old copy
+    assert torch.equal(layer(torch.randn(2, 16)), layer.bias.expand(2, 8))
+
+
+def test_packed_copies_are_not_pickled_or_deep_copied():
+    model = tiny_model()
+    pack_linears(model)
+    assert model.lm_head.packed is not None
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.lm_head.packed is None
+        torch.testing.assert_close(clone.lm_head.weight, model.lm_head.weight)
+    assert set(model.state_dict()) == set(tiny_model().state_dict())
