@@ -3,7 +3,8 @@
 Measures, for the `picodac` and `llama-30m` presets (random weights):
 - training step (forward, backward, AdamW step) tokens/s, in fp32 and under bf16 autocast;
 - greedy generation tokens/s at batch 1 with a KV cache (128 new tokens after a 16-token prompt),
-  fucina's `generate` against transformers' `model.generate(do_sample=False, min/max_new_tokens=128)`;
+  fucina's `generate` (eager, and with compile=True) against transformers' `model.generate(do_sample=
+  False, min/max_new_tokens=128)`, with fp32 weights and with both models cast to bf16;
 - achieved FLOP/s (fucina.model.info.flops_per_token: 6N + attention per token for training, 2N +
   attention for generation) as a fraction of this machine's matmul ceiling, measured here with large
   fp32 and bf16 matmuls; for generation also the weight bytes streamed per second (batch 1 reads every
@@ -19,7 +20,8 @@ LlamaForCausalLM of the same width, depth, heads, vocabulary and tied head with 
 learned positions). For generation picodac's context is raised to 256 so that 128 new tokens fit.
 On a CUDA machine everything is measured there as well (MFU against the GPU's measured ceiling).
 
-    .venv/bin/python bench/model_speed.py [--quick] [--threads N] [--out bench/results/model_speed.json]
+    .venv/bin/python bench/model_speed.py [--quick] [--threads N] [--models picodac llama-30m]
+        [--parts training generation] [--out bench/results/model_speed.json]
 
 --quick (seconds, numbers meaningless) writes bench/results/model_speed_quick.json instead.
 """
@@ -211,59 +213,72 @@ def bench_training(name: str, device: torch.device, quick: bool, ceilings: dict[
 
 
 # Generation ------------------------------------------------------------------------------------------
-def bench_generation(name: str, device: torch.device, quick: bool, ceilings: dict[str, float]) -> dict:
+def bench_generation(name: str, device: torch.device, quick: bool, ceilings: dict[str, float]) -> list[dict]:
+    """Batch-1 greedy generation, fp32 and bf16 weights (both sides cast alike), eager and compiled."""
     config = get_preset(name)
     new_tokens = 32 if quick else NEW_TOKENS
     if config.context_length < PROMPT_LENGTH + new_tokens:
         config = dataclasses.replace(config, context_length=256)
-    torch.manual_seed(0)
-    ours = Transformer(config).to(device).eval()
-    peer = hf_peer(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (PROMPT_LENGTH,), generator=torch.Generator().manual_seed(1))
     sampling = SamplingConfig(max_new_tokens=new_tokens, greedy=True)
     hf_inputs = prompt.unsqueeze(0).to(device)
     hf_mask = torch.ones_like(hf_inputs)
+    rows = []
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        torch.manual_seed(0)
+        ours = Transformer(config).to(device, dtype).eval()
+        peer = hf_peer(config).to(device, dtype).eval()
 
-    def fucina_run() -> int:
-        return len(generate(ours, [prompt.tolist()], sampling)[0])
+        def fucina_run(compile: bool = False, model: Transformer = ours) -> int:
+            return len(generate(model, [prompt.tolist()], sampling, compile=compile)[0])
 
-    def hf_run() -> int:
-        with torch.inference_mode():
-            out = peer.generate(
-                hf_inputs,
-                attention_mask=hf_mask,
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=0,
-            )
-        return out.size(1) - PROMPT_LENGTH
+        def hf_run(model=peer) -> int:
+            with torch.inference_mode():
+                out = model.generate(
+                    hf_inputs,
+                    attention_mask=hf_mask,
+                    do_sample=False,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=0,
+                )
+            return out.size(1) - PROMPT_LENGTH
 
-    runs = {"fucina": fucina_run, "hf": hf_run}
-    for run in runs.values():
-        run()
-    timing = interleaved(runs, 2 if quick else 4, device)
-    # Forward FLOPs at the average attended span; at batch 1 every weight is read once per token, so the
-    # weight bytes per token times tokens/s is the memory traffic the matmuls need (the usual limit).
-    flops = flops_per_token(config, PROMPT_LENGTH + new_tokens // 2).forward
-    weight_bytes = 4 * sum(p.numel() for p in ours.parameters())
-    rate = timing["fucina"]["tokens_per_s"]
-    return {
-        "model": name,
-        "device": device.type,
-        "dtype": "fp32",
-        "forward_flops_per_token": flops,
-        "fraction_of_matmul_ceiling": flops * rate / ceilings["fp32"],
-        "weight_bytes_per_token": weight_bytes,
-        "weight_gb_per_s": weight_bytes * rate / 1e9,
-        "prompt_tokens": PROMPT_LENGTH,
-        "new_tokens": new_tokens,
-        "context_length": config.context_length,
-        "fucina_tokens_per_s": timing["fucina"]["tokens_per_s"],
-        "hf_tokens_per_s": timing["hf"]["tokens_per_s"],
-        "ratio": timing["fucina"]["tokens_per_s"] / timing["hf"]["tokens_per_s"],
-        "spread": timing,
-    }
+        runs = {"fucina": fucina_run, "fucina_compiled": lambda: fucina_run(True), "hf": hf_run}
+        fucina_run()
+        hf_run()
+        compile_started = time.perf_counter()
+        runs["fucina_compiled"]()  # compiles (inductor's disk cache may shorten it on later runs)
+        compile_seconds = time.perf_counter() - compile_started
+        timing = interleaved(runs, 2 if quick else 4, device)
+        # Forward FLOPs at the average attended span; at batch 1 every weight is read once per token, so
+        # the weight bytes per token times tokens/s is the memory traffic the matmuls need (the usual limit).
+        flops = flops_per_token(config, PROMPT_LENGTH + new_tokens // 2).forward
+        weight_bytes = dtype.itemsize * sum(p.numel() for p in ours.parameters())
+        best = max(timing["fucina"]["tokens_per_s"], timing["fucina_compiled"]["tokens_per_s"])
+        hf_rate = timing["hf"]["tokens_per_s"]
+        rows.append(
+            {
+                "model": name,
+                "device": device.type,
+                "dtype": label,
+                "forward_flops_per_token": flops,
+                "fraction_of_matmul_ceiling": flops * best / ceilings[label],
+                "weight_bytes_per_token": weight_bytes,
+                "weight_gb_per_s": weight_bytes * best / 1e9,
+                "prompt_tokens": PROMPT_LENGTH,
+                "new_tokens": new_tokens,
+                "context_length": config.context_length,
+                "fucina_tokens_per_s": timing["fucina"]["tokens_per_s"],
+                "fucina_compiled_tokens_per_s": timing["fucina_compiled"]["tokens_per_s"],
+                "compile_seconds": round(compile_seconds, 1),
+                "hf_tokens_per_s": hf_rate,
+                "ratio": timing["fucina"]["tokens_per_s"] / hf_rate,
+                "compiled_ratio": timing["fucina_compiled"]["tokens_per_s"] / hf_rate,
+                "spread": timing,
+            }
+        )
+    return rows
 
 
 # Report ----------------------------------------------------------------------------------------------
@@ -280,11 +295,17 @@ def table(results: dict) -> str:
             f"{row['ratio']:6.2f}x {100 * row['fraction_of_matmul_ceiling']:7.1f}%"
         )
     for row in results["generation"]:
-        label = f"generate {row['model']} b1 {row['new_tokens']} new ({row['device']})"
+        for mode, key, ratio in (
+            ("eager", "fucina_tokens_per_s", "ratio"),
+            ("compiled", "fucina_compiled_tokens_per_s", "compiled_ratio"),
+        ):
+            label = f"generate {row['model']} {row['dtype']} b1 {mode} ({row['device']})"
+            lines.append(
+                f"{label:40s} {row[key]:10,.1f}/s {row['hf_tokens_per_s']:10,.1f}/s {row[ratio]:6.2f}x"
+            )
         lines.append(
-            f"{label:40s} {row['fucina_tokens_per_s']:10,.1f}/s {row['hf_tokens_per_s']:10,.1f}/s "
-            f"{row['ratio']:6.2f}x {100 * row['fraction_of_matmul_ceiling']:7.1f}%  "
-            f"(weights {row['weight_gb_per_s']:.1f} GB/s)"
+            f"{'':40s} best: {100 * row['fraction_of_matmul_ceiling']:.1f}% of matmul peak, weights "
+            f"{row['weight_gb_per_s']:.1f} GB/s; compiling took {row['compile_seconds']} s"
         )
     for device, ceilings in results["matmul_ceiling_flops"].items():
         lines.append(
@@ -307,6 +328,9 @@ def main() -> None:
         "--out", type=Path, default=None, help="default bench/results/model_speed.json (--quick: _quick.json)"
     )
     parser.add_argument("--models", nargs="+", default=list(TRAIN_SHAPES), choices=list(TRAIN_SHAPES))
+    parser.add_argument(
+        "--parts", nargs="+", default=["training", "generation"], choices=["training", "generation"]
+    )
     args = parser.parse_args()
     if args.out is None:
         name = "model_speed_quick.json" if args.quick else "model_speed.json"
@@ -345,13 +369,13 @@ def main() -> None:
             "bf16": matmul_ceiling(device, torch.bfloat16, args.quick),
         }
         results["matmul_ceiling_flops"][device.type] = ceilings
-        for name in args.models:
+        for name in args.models if "training" in args.parts else []:
             results["training"] += bench_training(name, device, args.quick, ceilings)
             print(
                 f"[{time.perf_counter() - started:5.0f}s] training {name} on {device.type} done", flush=True
             )
-        for name in args.models:
-            results["generation"].append(bench_generation(name, device, args.quick, ceilings))
+        for name in args.models if "generation" in args.parts else []:
+            results["generation"] += bench_generation(name, device, args.quick, ceilings)
             print(
                 f"[{time.perf_counter() - started:5.0f}s] generation {name} on {device.type} done", flush=True
             )
