@@ -3,7 +3,9 @@
 Reads, for each run directory under the reference root (as `scripts/reference_models.sh` lays them out):
 `train_stats.json` (steps, tokens seen, wall time; written by the training loop), `train_config.yaml`
 (the config it ran), `machine.json` (where it ran), `eval.json` (`fucina eval --out`) and
-`generations.txt` (verbatim samples). Missing pieces are reported as missing, never invented.
+`generations.txt` (verbatim samples), and an optional `NOTES.md` at the root (how the runs went, e.g.
+whether the machine was shared), copied under "Notes". Missing pieces are reported as missing, never
+invented.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ def _training_row(name: str, run: Path) -> str:
     stats = _read_json(run / "train_stats.json") or {}
     machine = _read_json(run / "machine.json") or {}
     best = stats.get("best") or {}
-    hours = stats.get("train_seconds")
+    seconds = stats.get("train_seconds")
+    rate = stats.get("tokens_per_second")
     return (
         f"| {name} | {stats.get('step', '-')} | {stats.get('tokens_seen', 0):,} | "
-        f"{'-' if hours is None else f'{hours / 3600:.2f} h'} | {_fmt(best.get('val_bpb'))} | "
-        f"{machine.get('device', 'not recorded')} |"
+        f"{'-' if seconds is None else f'{seconds / 60:.1f} min'} | {'-' if rate is None else f'{rate:,.0f}'} | "
+        f"{_fmt(best.get('val_bpb'))} | {machine.get('device', 'not recorded')} |"
     )
 
 
@@ -61,8 +64,8 @@ def results_page(reference_dir: str | Path) -> str:
         "",
         "## Training",
         "",
-        "| run | steps | tokens seen | train time | best val bpb (loop's split) | ran on |",
-        "|---|---:|---:|---:|---:|---|",
+        "| run | steps | tokens seen | train time | tokens/s | best val bpb (loop's split) | ran on |",
+        "|---|---:|---:|---:|---:|---:|---|",
         *(_training_row(run.name, run) for run in runs),
         "",
         "## Held-out bits per byte and benchmarks (score with 95% CI beside chance)",
@@ -75,6 +78,9 @@ def results_page(reference_dir: str | Path) -> str:
         lines += (
             _eval_rows(run.name, evaluation) if evaluation else [f"| {run.name} | not evaluated | | | | | |"]
         )
+    notes = root / "NOTES.md"
+    if notes.is_file():
+        lines += ["", "## Notes", "", notes.read_text(encoding="utf-8").strip()]
     lines += ["", "## Generations (verbatim)", ""]
     for run in runs:
         samples = run / "generations.txt"
