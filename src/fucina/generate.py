@@ -19,8 +19,8 @@ Design choices:
 - `compile=True` runs each one-token step through torch.compile (the prompt is still prefilled
   eagerly). At batch 1 a small model's step is a few hundred tiny kernels whose dispatch costs more than
   their arithmetic; compiled, they fuse into a few dozen. The step then needs the same shapes every
-  time: the new token's slot is a tensor, the cache is allocated in buckets of 128 slots and attention
-  reads all of them, masked. Compiling takes tens of seconds once per process and shape (inductor's disk
+  time: the new token's slot is a tensor, the cache length is rounded up to a power of two (at least
+  128: few shapes, few compilations) and attention reads every slot, the unfilled ones masked. Compiling takes tens of seconds once per process and shape (inductor's disk
   cache shortens later runs), so it pays off for long generations, chat sessions and servers; models
   with a mixer that cannot decode at fixed shapes (Mamba) fall back to eager steps.
 """
@@ -40,7 +40,7 @@ from fucina.model.packed_linear import pack_linears, packed_decoding
 from fucina.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
-_CACHE_BUCKET = 128  # compiled decoding allocates caches in multiples of this many slots
+_SMALLEST_BUCKET = 128  # compiled decoding rounds cache lengths up to a power of two, at least this
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled forward
 
 
@@ -154,7 +154,7 @@ class _Decoding:
         self.compiled_step = compiled_step(model) if compile else None
         if self.compiled_step is not None:  # few distinct shapes, so few compilations
             limit = context + max(pad_lengths)
-            max_length = min(limit, -(-max_length // _CACHE_BUCKET) * _CACHE_BUCKET)
+            max_length = min(limit, max(_SMALLEST_BUCKET, 1 << (max_length - 1).bit_length()))
         self.cache: KVCache = model.new_cache(len(prompts), max_length=max_length, pad_lengths=pad_lengths)
         self.seen = None
         if sampling.repetition_penalty != 1.0:
