@@ -2,8 +2,9 @@
 # Train, evaluate and document the reference models (issue 6, part 5):
 #   PicoDAC-IT size (4.6M) and LLaMA-style 30M, each pretrained on ELTeC + Wikipedia (held-out documents
 #   of shared/data/splits.json left out) and chat fine-tuned on XPersona-it (valid), JILDA, ChatterBot.
-# Each pretraining is sized for about 2 h on 2 CPU cores (see the configs); the whole script takes ~6-7 h
-# on such a machine. Reruns resume: finished stages are skipped by the training loop, evaluations redone.
+# On a quiet 2-core CPU the pretrainings take ~30 and ~35 min, the chat fine-tunings 1.5 and 3.5 min, the
+# evaluations ~25 min in all: about 1.5 h for the whole script (measured 2026-11-25; see docs/results.md).
+# Reruns resume: finished stages are skipped by the training loop, evaluations redone.
 #   scripts/reference_models.sh                    # everything
 #   EVAL_LIMIT=200 scripts/reference_models.sh     # quicker evaluation (seeded 200-item samples)
 set -euo pipefail
