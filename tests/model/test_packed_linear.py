@@ -55,3 +55,18 @@ def test_packed_copies_are_not_pickled_or_deep_copied():
         assert clone.lm_head.packed is None
         torch.testing.assert_close(clone.lm_head.weight, model.lm_head.weight)
     assert set(model.state_dict()) == set(tiny_model().state_dict())
+
+
+def test_a_replaced_weight_tensor_is_repacked_even_at_the_same_version():
+    # model.to(...) round trips and new Parameters bring tensors whose version counter starts again at 0.
+    layer = DenseLinear(24, 40, bias=False)
+    pack_linears(layer)
+    replacement = torch.randn(40, 24)
+    while replacement._version < layer.weight._version:  # the same version as the packed weight had
+        replacement.mul_(1.0)
+    assert replacement._version == layer.weight._version
+    layer.weight = torch.nn.Parameter(replacement)
+    pack_linears(layer)
+    x = torch.randn(2, 24)
+    with torch.no_grad(), packed_decoding():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=1e-5, rtol=1e-5)

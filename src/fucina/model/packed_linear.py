@@ -10,7 +10,8 @@ same numbers up to float rounding (~1e-5).
 - `DenseLinear` is nn.Linear (same parameters, state_dict, initialisation): only its forward differs,
   and only while `packed_decoding()` is active (generation enters it around each step).
 - `pack_linears(model)` makes the packed copies before a generation, and remakes one whenever its weight
-  changed since (the tensor's version counter moves on optimizer steps and load_state_dict), so a model
+  changed since: another tensor (`model.to(...)` round trips, a replaced Parameter) or the same tensor
+  modified in place (its version counter moves on optimizer steps and load_state_dict), so a model
   trained between two generations never decodes stale weights. The copies stay on the modules for the
   next generation (chat, server): one extra copy of the weights in memory; they are never saved,
   pickled or deep-copied.
@@ -67,10 +68,10 @@ class DenseLinear(nn.Linear):
     """nn.Linear that multiplies by its packed weight inside `packed_decoding()` (module docstring)."""
 
     packed: torch.Tensor | None = None  # oneDNN copy of `weight`, made by pack_linears
-    packed_version: int | None = None  # weight._version when `packed` was made (None: not tracked)
+    packed_key: tuple | None = None  # (storage address, version) of the weight `packed` was made from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _decoding and self.packed is not None and x.dtype == torch.float32:
+        if _decoding and self.packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             return packed_linear(x, self.packed, self.bias, self.out_features)
         return F.linear(x, self.weight, self.bias)
 
@@ -81,16 +82,17 @@ class DenseLinear(nn.Linear):
             self.packed = None
             return
         version = _version(weight)
-        if self.packed is None or version is None or version != self.packed_version:
+        key = (weight.data_ptr(), version)
+        if self.packed is None or version is None or key != self.packed_key:
             with torch.no_grad():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-            self.packed_version = version
+            self.packed_key = key
 
     def __getstate__(self) -> dict:  # pickle and deepcopy: the packed copy is a cache, never state
         state = super().__getstate__()
         state = dict(state)
         state.pop("packed", None)
-        state.pop("packed_version", None)
+        state.pop("packed_key", None)
         return state
 
 
