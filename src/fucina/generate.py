@@ -20,9 +20,10 @@ Design choices:
   eagerly). At batch 1 a small model's step is a few hundred tiny kernels whose dispatch costs more than
   their arithmetic; compiled, they fuse into a few dozen. The step then needs the same shapes every
   time: the new token's slot is a tensor, the cache length is rounded up to a power of two (at least
-  128: few shapes, few compilations) and attention reads every slot, the unfilled ones masked. Compiling takes tens of seconds once per process and shape (inductor's disk
-  cache shortens later runs), so it pays off for long generations, chat sessions and servers; models
-  with a mixer that cannot decode at fixed shapes (Mamba) fall back to eager steps.
+  128: few shapes, few compilations) and attention reads every slot, the unfilled ones masked.
+  Compiling takes tens of seconds once per process and shape (inductor's disk cache shortens later
+  runs), so it pays off for long generations, chat sessions and servers; models with a mixer that
+  cannot decode at fixed shapes (Mamba) fall back to eager steps.
 """
 
 from __future__ import annotations
@@ -137,8 +138,7 @@ class _Decoding:
         self.model = model
         self.sampling = sampling
         device = model.token_embedding.weight.device
-        if device.type == "cpu":
-            pack_linears(model)
+        pack_linears(model)  # on CPU; elsewhere it drops copies left from an earlier CPU generation
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
         pad_lengths = [longest - n for n in lengths]

@@ -48,9 +48,8 @@ def build_attention_mask(
 class ForwardContext:
     """Per-forward facts shared by all layers; see the module docstring."""
 
-    start: (
-        int | torch.Tensor
-    )  # cache slot of the first new token (0 without a cache); 0-d tensor: fixed shapes
+    # cache slot of the first new token (0 without a cache); a 0-d tensor for fixed-shape decoding
+    start: int | torch.Tensor
     length: int  # number of new tokens T
     positions: Positions  # slice(start, end) or (B, T) position ids
     device: torch.device

@@ -89,8 +89,7 @@ class DenseLinear(nn.Linear):
             self.packed_key = key
 
     def __getstate__(self) -> dict:  # pickle and deepcopy: the packed copy is a cache, never state
-        state = super().__getstate__()
-        state = dict(state)
+        state = dict(super().__getstate__())
         state.pop("packed", None)
         state.pop("packed_key", None)
         return state

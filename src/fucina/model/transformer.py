@@ -92,16 +92,8 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape
         pad_lengths = cache.pad_lengths if cache is not None and cache.padded else None
-        if slot is not None:
-            if cache is None:
-                raise ValueError("a slot needs a cache")
-            start = slot
-            slots = slot + torch.arange(T, device=input_ids.device)  # (T,)
-            positions = (
-                slots.unsqueeze(0) if pad_lengths is None else slots.unsqueeze(0) - pad_lengths.unsqueeze(1)
-            )
-            positions = positions.clamp(0, self.config.context_length - 1)  # (1 or B, T)
-        else:
+        positions: slice | torch.Tensor | None = None
+        if slot is None:
             start = 0 if cache is None else cache.length
             end = start + T
             limit = self.config.context_length if cache is None else cache.max_length
@@ -111,11 +103,18 @@ class Transformer(nn.Module):
                 )
             if pad_lengths is None:
                 positions = slice(start, end)  # every row at the same offsets
-            else:  # left-padded rows count positions from their first real token
+            else:
                 slots = torch.arange(start, end, device=input_ids.device)
-                positions = (slots.unsqueeze(0) - pad_lengths.unsqueeze(1)).clamp(
-                    0, self.config.context_length - 1
-                )
+        else:
+            if cache is None:
+                raise ValueError("a slot needs a cache")
+            start = slot
+            slots = slot + torch.arange(T, device=input_ids.device)  # (T,)
+        if positions is None:  # positions as a tensor; left-padded rows count from their first real token
+            positions = (
+                slots.unsqueeze(0) if pad_lengths is None else slots.unsqueeze(0) - pad_lengths.unsqueeze(1)
+            )
+            positions = positions.clamp(0, self.config.context_length - 1)  # (1 or B, T)
 
         x = self.token_embedding(input_ids)  # (B, T, d_model)
         if self.position_embedding is not None:
