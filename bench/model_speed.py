@@ -10,8 +10,10 @@ Measures, for the `picodac` and `llama-30m` presets (random weights):
   fp32 and bf16 matmuls; for generation also the weight bytes streamed per second (batch 1 reads every
   weight once per token).
 fucina and HF runs are interleaved round by round (median of the rounds) so that drift in the machine's
-load hits both alike. Both sides use the same loss (cross entropy on fp32 logits), the same optimizer
-(torch AdamW, fused when torch supports it on the device) and the same thread count.
+load hits both alike. Each side computes the token-mean cross-entropy its own way, as its training code
+does (transformers: float32 logits -> cross_entropy; fucina: `model(ids, labels=...)`, the LM head fused
+with the loss, fucina/model/loss.py); both use the same optimizer (torch AdamW, fused when torch supports
+it on the device) and the same thread count.
 
 HF peers: llama-30m -> LlamaForCausalLM of identical shape (same parameter count). picodac (RMSNorm,
 learned positions, non-gated SiLU MLP, tied head, no biases) has no exact HF class; its peer is a
@@ -39,7 +41,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fucina.generate import SamplingConfig, generate
 from fucina.model.config import ModelConfig
@@ -78,12 +79,14 @@ def hf_peer(config: ModelConfig):
     return LlamaForCausalLM(hf_config)
 
 
-def hf_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, use_cache=False).logits
+def hf_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' own training loss: float32 logits, mean cross-entropy (labels already shifted)."""
+    return model(input_ids=input_ids, labels=labels, shift_labels=labels, use_cache=False).loss
 
 
-def fucina_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids)
+def fucina_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """fucina's training loss, as the training loop asks for it (fused LM head + cross-entropy)."""
+    return model(input_ids, labels=labels) / labels.numel()
 
 
 def n_parameters(model: torch.nn.Module) -> int:
@@ -145,7 +148,7 @@ def optimizer_for(model: torch.nn.Module, device: torch.device) -> torch.optim.O
 
 def training_run(
     model: torch.nn.Module,
-    logits_of: Callable,
+    loss_of: Callable,
     batch: tuple[torch.Tensor, torch.Tensor],
     steps: int,
     autocast_dtype: torch.dtype | None,
@@ -159,8 +162,7 @@ def training_run(
     def run() -> int:
         for _ in range(steps):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = logits_of(model, inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+                loss = loss_of(model, inputs, labels)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -176,7 +178,7 @@ def bench_training(name: str, device: torch.device, quick: bool, ceilings: dict[
         batch_size = max(1, batch_size // 4)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (batch_size, length + 1), generator=generator).to(device)
-    batch = (tokens[:, :-1], tokens[:, 1:])
+    batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     torch.manual_seed(0)
     ours = Transformer(config).to(device)
     peer = hf_peer(config).to(device)
@@ -185,8 +187,8 @@ def bench_training(name: str, device: torch.device, quick: bool, ceilings: dict[
     for label, autocast_dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         steps = 1 if quick else 2
         runs = {
-            "fucina": training_run(ours, fucina_logits, batch, steps, autocast_dtype),
-            "hf": training_run(peer, hf_logits, batch, steps, autocast_dtype),
+            "fucina": training_run(ours, fucina_loss, batch, steps, autocast_dtype),
+            "hf": training_run(peer, hf_loss, batch, steps, autocast_dtype),
         }
         for run in runs.values():  # warm-up: allocator, kernels, optimizer state
             run()

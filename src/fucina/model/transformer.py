@@ -11,7 +11,8 @@ Design choices:
 - `tie_embeddings` shares one matrix between the token embedding and the LM head (it is saved once).
 - `forward(input_ids, cache)` computes logits for every position; with a KVCache the new tokens are
   appended to it (prefill a prompt, then one token at a time). `last_only=True` skips the LM head for all
-  but the last position, which is all generation needs.
+  but the last position, which is all generation needs. `forward(input_ids, labels=labels)` returns
+  the summed training loss instead, through a fused LM-head + cross-entropy (loss.py).
 - `gradient_checkpointing` recomputes each block in the backward pass (torch.utils.checkpoint) instead
   of keeping its activations: less memory, ~30% more compute. `maybe_compile` wraps torch.compile.
 """
@@ -29,6 +30,7 @@ from fucina.model.block import Block
 from fucina.model.cache import KVCache
 from fucina.model.config import ModelConfig
 from fucina.model.context import ForwardContext
+from fucina.model.loss import cross_entropy_sum, linear_cross_entropy_sum
 from fucina.model.norms import RMSNorm, build_norm
 from fucina.model.packed_linear import DenseLinear
 from fucina.model.positions import RotaryEmbedding
@@ -83,8 +85,12 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         slot: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); (B, 1, vocab) with last_only.
+
+        With `labels` (B, T), already shifted, IGNORE_INDEX where not trained: instead of logits, the
+        summed next-token loss in nats (a float32 scalar), computed without float32 logits (loss.py).
 
         `slot` (a 0-d tensor, with a cache): write the new tokens at that slot and attend over the whole
         cache, so every step has the same shapes (what torch.compile'd decoding needs); the caller then
@@ -136,7 +142,12 @@ class Transformer(nn.Module):
             cache.length = end
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.final_norm(x))  # (B, T, vocab)
+        x = self.final_norm(x)
+        if labels is not None:
+            if type(self.lm_head) is DenseLinear:  # a plain matrix (not quantized, not an adapter)
+                return linear_cross_entropy_sum(x, self.lm_head.weight, labels)
+            return cross_entropy_sum(self.lm_head(x), labels)
+        return self.lm_head(x)  # (B, T, vocab)
 
     def auxiliary_loss(self) -> torch.Tensor:
         """Extra training loss from the last forward (e.g. MoE load balance); 0 when no part has one."""

@@ -58,7 +58,7 @@ from fucina.train.data_stage import (
     prepare_tokenizer,
 )
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
-from fucina.train.objectives import lm_loss_sum
+from fucina.train.objectives import IGNORE_INDEX
 from fucina.train.optim import build_optimizer
 from fucina.train.run_dir import RunDirectory, RunDirectoryError, open_run_directory, publish_model_dir
 from fucina.train.schedules import LRSchedule, build_schedule
@@ -363,14 +363,13 @@ class Trainer:
         for _ in range(config.train.grad_accum):
             batch, position = self.data.train.next_batch(position)
             micro_batches.append(batch)
-        supervised = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+        supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
         loss_total, tokens = 0.0, 0
         for batch in micro_batches:
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.forward(input_ids)
-            loss_sum, _ = lm_loss_sum(logits, labels)
+                loss_sum = self.forward(input_ids, labels=labels)  # fused LM head + cross-entropy
             loss = loss_sum / max(supervised, 1)
             aux = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
             if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
@@ -401,11 +400,11 @@ class Trainer:
         nats, count, num_bytes = 0.0, 0, 0.0
         try:
             for batch, batch_bytes in self.data.val.batches(max_batches or self.config.eval.max_batches):
+                labels = batch["labels"].to(self.device)
                 with self._autocast():
-                    logits = self.forward(batch["input_ids"].to(self.device))
-                loss_sum, n = lm_loss_sum(logits, batch["labels"].to(self.device))
+                    loss_sum = self.forward(batch["input_ids"].to(self.device), labels=labels)
                 nats += float(loss_sum)
-                count += n
+                count += int((labels != IGNORE_INDEX).sum())
                 num_bytes += batch_bytes
         finally:
             self.model.train()

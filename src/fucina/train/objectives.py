@@ -10,15 +10,19 @@ Design choices:
   of different lengths gives exactly the token-mean loss of the step (not a mean of means).
 - The cross-entropy is computed in float32 even under bf16/fp16 autocast (log-softmax over the
   vocabulary is where low precision hurts).
+- The training loop asks the model for this loss directly (`model(input_ids, labels=labels)`), which
+  fuses the LM head with the cross-entropy (fucina/model/loss.py); `lm_loss_sum` is the same loss for
+  logits obtained some other way, and the reference the fused path is tested against.
 - Later objectives (distillation, DPO) plug in here with the same (sum, count) shape.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from fucina.model.loss import IGNORE_INDEX, cross_entropy_sum
+
+__all__ = ["IGNORE_INDEX", "lm_loss", "lm_loss_sum"]
 
 
 def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -26,10 +30,7 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
     logits: (B, T, V); labels: (B, T) already shifted, IGNORE_INDEX where not trained.
     """
-    flat_logits = logits.flatten(0, 1).float()  # (B*T, V)
-    flat_labels = labels.flatten()  # (B*T,)
-    loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((flat_labels != IGNORE_INDEX).sum())
+    return cross_entropy_sum(logits, labels), int((labels != IGNORE_INDEX).sum())
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
