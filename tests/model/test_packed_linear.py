@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from tiny_models import tiny_model
 
 from fucina.generate import SamplingConfig, generate
-from fucina.model.packed_linear import DenseLinear, pack_linears, packed_decoding, packing_available
+from fucina.model.packed_linear import (
+    DenseLinear,
+    pack_linears,
+    packable_dtypes,
+    packed_decoding,
+    packing_available,
+)
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 
@@ -70,3 +76,31 @@ def test_a_replaced_weight_tensor_is_repacked_even_at_the_same_version():
     x = torch.randn(2, 24)
     with torch.no_grad(), packed_decoding():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(torch.bfloat16 not in packable_dtypes(), reason="this CPU has no native bf16")
+@torch.inference_mode()
+def test_bf16_weights_are_packed_and_give_the_bf16_product():
+    layer = DenseLinear(64, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    pack_linears(layer)
+    assert layer.packed is not None and layer.packed.dtype == torch.bfloat16
+    with packed_decoding():
+        packed = layer(x)
+    assert packed.dtype == torch.bfloat16
+    exact = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    plain = F.linear(x, layer.weight, layer.bias)
+    # Both accumulate in float32 and round once to bf16: the same error, within a bf16 step.
+    assert (packed.float() - exact).abs().max() <= 2 * (plain.float() - exact).abs().max() + 1e-2
+
+
+def test_a_float32_layer_moved_to_bf16_is_not_multiplied_by_its_float32_copy():
+    layer = DenseLinear(32, 16)
+    pack_linears(layer)
+    layer.to(torch.bfloat16)
+    pack_linears(layer)  # repacked in bf16, or dropped where bf16 is not native
+    x = torch.randn(1, 32, dtype=torch.bfloat16)
+    with torch.no_grad(), packed_decoding():
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=0.05, rtol=0.02)

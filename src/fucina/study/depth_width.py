@@ -132,8 +132,7 @@ def measure_flops_per_second(settings: StudySettings, vocab_size: int, steps: in
     for step in range(steps + 1):
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:]) / tokens[:, 1:].numel()  # as the loop does
         loss.backward()
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
