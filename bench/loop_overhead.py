@@ -2,8 +2,8 @@
 
 Same model (the `picodac` preset with a 1920-id tokenizer trained on the built-in corpus), same batch
 shape (32 x 64 tokens of the built-in prose), same precision, same thread count, in the same process:
-- raw: `bench/model_speed.py`'s training step (forward, cross-entropy on fp32 logits, backward, fused
-  AdamW step, zero_grad) on one fixed batch, nothing else;
+- raw: `bench/model_speed.py`'s training step (forward with the fused LM-head + cross-entropy,
+  backward, fused AdamW step, zero_grad) on one fixed batch, nothing else;
 - loop: `fucina.train.loop.train` on the same data, i.e. everything a user's run does per step: the
   next batch from the packed shards in the seeded order, the learning-rate schedule, the masked loss
   (sum / supervised tokens), gradient clipping, AdamW with decay/no-decay groups, metrics.jsonl every
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_speed import training_run  # noqa: E402  (the model benchmark's raw step, reused as is)
+from model_speed import fucina_loss, training_run  # noqa: E402  (the model benchmark's raw step, reused as is)
 
 from fucina.data.packing import TokenShards  # noqa: E402
 from fucina.data.readers import iter_texts  # noqa: E402
@@ -86,9 +86,7 @@ def run_loop(workdir: Path, tokenizer_dir: Path, precision: str, warmup: int, st
 def run_raw(vocab_size: int, batch: dict, precision: str, warmup: int, steps: int) -> float:
     torch.manual_seed(0)
     model = Transformer(dataclasses.replace(get_preset("picodac"), vocab_size=vocab_size))
-    one_step = training_run(
-        model, lambda m, x: m(x), (batch["input_ids"], batch["labels"]), 1, AUTOCAST[precision]
-    )
+    one_step = training_run(model, fucina_loss, (batch["input_ids"], batch["labels"]), 1, AUTOCAST[precision])
     for _ in range(warmup):
         one_step()
     start = time.perf_counter()

@@ -8,8 +8,8 @@ Design choices:
   tensors of a small model's step (8 x 256 tokens -> 65 M values). The plain path writes them, copies
   them to float32, writes a log-softmax of the same size, and walks them several more times in backward;
   measured on the 2-core CPU that was ~35% of a bf16 llama-30m step. `LinearCrossEntropy` makes the
-  logits with one matmul in the compute dtype, then, a few rows at a time (float32 rows small enough to
-  stay in cache), takes the log-sum-exp and turns those rows in place into the gradient of the loss
+  logits with one matmul in the compute dtype, then, a chunk of rows at a time (on a CPU float32 rows
+  few enough to stay in cache), takes the log-sum-exp and turns those rows in place into the gradient of the loss
   (softmax - one-hot, zero on ignored rows). Backward is then two matmuls with that saved gradient.
 - The softmax is taken in float32 (where low precision hurts); the gradient is stored in the compute
   dtype, like the gradient the plain path would feed to the LM-head matmul under autocast.
@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_ROWS = 32  # 32 rows x 32k vocabulary in float32 = 4 MB, cache-sized on a CPU
+# float32 values per chunk of rows: on a CPU what stays in cache (32 rows of a 32k vocabulary = 4 MB);
+# on a GPU, where each chunk costs a few kernel launches, far more (a 32k vocabulary: 512 rows).
+CHUNK_VALUES = {"cpu": 1 << 20}
+DEFAULT_CHUNK_VALUES = 1 << 24
+
+
+def chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows of logits turned into loss and gradient at a time."""
+    return max(1, CHUNK_VALUES.get(device.type, DEFAULT_CHUNK_VALUES) // vocab_size)
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,9 +71,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         targets = labels.clamp(min=0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         want_grad = any(ctx.needs_input_grad[:2])
-        rows = torch.arange(CHUNK_ROWS, device=hidden.device)
-        for start in range(0, logits.shape[0], CHUNK_ROWS):
-            end = min(start + CHUNK_ROWS, logits.shape[0])
+        step = chunk_rows(logits.shape[1], hidden.device)
+        rows = torch.arange(step, device=hidden.device)
+        for start in range(0, logits.shape[0], step):
+            end = min(start + step, logits.shape[0])
             chunk = logits[start:end].float()  # (c, V)
             log_norm = torch.logsumexp(chunk, dim=-1)  # (c,)
             target_logits = chunk.gather(1, targets[start:end, None]).squeeze(1)
