@@ -140,3 +140,17 @@ def test_cpu_bf16_training_path_masks_left_padding_per_row():
     mask = build_attention_mask(0, 9, pad_lengths=torch.tensor([3, 0]))
     expected = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), mask)
     torch.testing.assert_close(attend(q, k, v, mask).float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_single_query_decoding_attends_in_float32_and_returns_bf16(masked):
+    q, k, v = _qkv(heads=6, kv_heads=2, length=20, head_dim=16, dtype=torch.bfloat16)
+    q = q[:, :, -1:]  # one new token per row
+    mask = None
+    if masked:  # e.g. a left-padded row: its first 5 slots hidden
+        mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
+        mask[1, ..., :5] = False
+    out = attend(q, k, v, mask)
+    assert out.dtype == torch.bfloat16
+    reference = attention_reference(q.float(), k.float(), v.float(), mask)  # float32 math on bf16 inputs
+    assert torch.allclose(out.float(), reference, atol=1e-2, rtol=1e-2)  # only bf16's final rounding apart

@@ -85,7 +85,11 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _decoding and self.packed is not None and x.dtype == self.packed.dtype and x.device.type == "cpu":
-            return packed_linear(x, self.packed, self.bias, self.out_features)
+            if torch.compiler.is_compiling():
+                return packed_linear(x, self.packed, self.bias, self.out_features)
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.packed, self.bias, "none", [], ""
+            )  # ~1.5 µs less
         return F.linear(x, self.weight, self.bias)
 
     def repack(self) -> None:
