@@ -92,3 +92,12 @@ def test_model_forward_with_labels_returns_the_summed_loss_of_its_logits(preset)
     for name, parameter in model.named_parameters():
         error = (fused_grads[name] - parameter.grad).norm() / parameter.grad.norm()
         assert error < 1e-5, name  # float32 rounding only (the sums are ordered differently)
+
+
+def test_labels_of_another_shape_are_refused():
+    model = Transformer(get_preset("gpt2-tiny"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with pytest.raises(ValueError, match="must match input_ids"):
+        model(ids, labels=ids[:, 1:])
+    with pytest.raises(ValueError, match="must match input_ids"):
+        model(ids, labels=ids, last_only=True)

@@ -144,6 +144,10 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.final_norm(x)
         if labels is not None:
+            if last_only or labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} (not last_only)"
+                )
             if type(self.lm_head) is DenseLinear:  # a plain matrix (not quantized, not an adapter)
                 return linear_cross_entropy_sum(x, self.lm_head.weight, labels)
             return cross_entropy_sum(self.lm_head(x), labels)
