@@ -16,6 +16,13 @@ from fucina.model.cache import KVCache
 from fucina.model.positions import Positions
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the projections will produce: autocast's when it is on, else the activations'."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def build_attention_mask(
     start: int | torch.Tensor,
     length: int,

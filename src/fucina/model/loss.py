@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fucina.model.context import compute_dtype
+
 IGNORE_INDEX = -100
 # float32 values per chunk of rows: on a CPU what stays in cache (32 rows of a 32k vocabulary = 4 MB);
 # on a GPU, where each chunk costs a few kernel launches, far more (a 32k vocabulary: 512 rows).
@@ -49,20 +51,18 @@ def linear_cross_entropy_sum(
     """
     if torch.compiler.is_compiling():
         return cross_entropy_sum(F.linear(hidden, weight), labels)
-    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten())
-
-
-def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+    # Grad mode is read here: inside Function.forward it is always off, and evaluation needs no gradient.
+    return LinearCrossEntropy.apply(hidden.flatten(0, -2), weight, labels.flatten(), torch.is_grad_enabled())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (hidden @ weight.T); the gradient is formed during the forward pass."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(hidden)
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, grad_enabled: bool
+    ) -> torch.Tensor:
+        dtype = compute_dtype(hidden)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -70,7 +70,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         trained = labels != IGNORE_INDEX  # (N,)
         targets = labels.clamp(min=0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        want_grad = any(ctx.needs_input_grad[:2])
+        want_grad = grad_enabled and any(ctx.needs_input_grad[:2])
         step = chunk_rows(logits.shape[1], hidden.device)
         rows = torch.arange(step, device=hidden.device)
         for start in range(0, logits.shape[0], step):
@@ -98,4 +98,4 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = (grad_logits @ weight).to(hidden_dtype) * grad_total
         if ctx.needs_input_grad[1]:
             grad_weight = (grad_logits.t() @ hidden).to(weight_dtype) * grad_total
-        return grad_hidden, grad_weight, None
+        return grad_hidden, grad_weight, None, None

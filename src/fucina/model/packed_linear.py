@@ -69,6 +69,10 @@ def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> torch.Tensor:
     """x (..., in) times a weight packed by `pack_linears`, plus bias: (..., out_features)."""
+    return _packed_product(x, packed, bias)
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -85,11 +89,9 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _decoding and self.packed is not None and x.dtype == self.packed.dtype and x.device.type == "cpu":
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling():  # opaque to inductor; eagerly the op's wrapper costs ~1.5 µs
                 return packed_linear(x, self.packed, self.bias, self.out_features)
-            return torch.ops.mkldnn._linear_pointwise(
-                x, self.packed, self.bias, "none", [], ""
-            )  # ~1.5 µs less
+            return _packed_product(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def repack(self) -> None:

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from fucina.model.block import Block
 from fucina.model.cache import KVCache
 from fucina.model.config import ModelConfig
-from fucina.model.context import ForwardContext
+from fucina.model.context import ForwardContext, compute_dtype
 from fucina.model.loss import cross_entropy_sum, linear_cross_entropy_sum
 from fucina.model.norms import RMSNorm, build_norm
 from fucina.model.packed_linear import DenseLinear
@@ -97,6 +97,10 @@ class Transformer(nn.Module):
         advances `cache.length` itself.
         """
         B, T = input_ids.shape
+        if labels is not None and (last_only or labels.shape != input_ids.shape):
+            raise ValueError(
+                f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} (not last_only)"
+            )
         pad_lengths = cache.pad_lengths if cache is not None and cache.padded else None
         positions: slice | torch.Tensor | None = None
         if slot is None:
@@ -133,7 +137,7 @@ class Transformer(nn.Module):
             device=input_ids.device,
             cache=cache,
             pad_lengths=pad_lengths,
-            rope=self.rotary(positions, _compute_dtype(x)) if self.rotary is not None else None,
+            rope=self.rotary(positions, compute_dtype(x)) if self.rotary is not None else None,
         )
         checkpointing = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
@@ -144,10 +148,6 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = self.final_norm(x)
         if labels is not None:
-            if last_only or labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} (not last_only)"
-                )
             if type(self.lm_head) is DenseLinear:  # a plain matrix (not quantized, not an adapter)
                 return linear_cross_entropy_sum(x, self.lm_head.weight, labels)
             return cross_entropy_sum(self.lm_head(x), labels)
@@ -189,13 +189,6 @@ class Transformer(nn.Module):
             for block in self.blocks
         ]
         return KVCache(layers, max_length, pads)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the projections will produce: autocast's when it is on, else the activations'."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
