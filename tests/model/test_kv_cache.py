@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import VARIANTS, tiny_model
 
+from fucina.generate import compiled_step
+from fucina.model.packed_linear import pack_linears, packed_decoding
 from fucina.model.transformer import Transformer
 
 
@@ -85,3 +87,24 @@ def test_fixed_shape_steps_of_left_padded_rows_match_each_row_alone(variant_mode
     for row, alone in enumerate([short, long]):
         expected = model(torch.cat([alone, nxt[row]]).unsqueeze(0))[0, -1]
         torch.testing.assert_close(step[row, -1], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("variant", "batch"),
+    [("mha-learned-gpt2", 1), ("gqa-rope-llama", 1), ("sliding-window-rope", 1), ("gqa-rope-llama", 2)],
+)
+@torch.inference_mode()
+def test_compiled_steps_match_full_recomputation(variant, batch):
+    # Compiled, one row's products and every row's attention are sums inductor writes itself.
+    model = tiny_model(**VARIANTS[variant])
+    ids = _tokens(model, 14, batch=batch)
+    full = model(ids)
+    cache = model.new_cache(batch_size=batch, max_length=24)
+    pieces = [model(ids[:, :5], cache)]
+    step = compiled_step(model)
+    pack_linears(model)
+    with packed_decoding():
+        for t in range(5, 14):
+            pieces.append(step(ids[:, t : t + 1], cache, slot=torch.tensor(cache.length)))
+            cache.length += 1
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_model
+from tiny_models import captured_calls, tiny_model
 
 from fucina.generate import SamplingConfig, generate
 from fucina.model.packed_linear import (
@@ -104,3 +104,29 @@ def test_a_float32_layer_moved_to_bf16_is_not_multiplied_by_its_float32_copy():
         out = layer(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=0.05, rtol=0.02)
+
+
+@torch.inference_mode()
+def test_compiled_decoding_sums_one_row_and_multiplies_more_rows_by_the_packed_weight():
+    layer = DenseLinear(48, 80)
+    pack_linears(layer)
+    with packed_decoding():
+        one_row = captured_calls(layer, torch.randn(1, 1, 48))
+        two_rows = captured_calls(layer, torch.randn(2, 48))
+    assert "sum" in one_row and not any("packed_linear" in call for call in one_row)
+    assert any("packed_linear" in call for call in two_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_compiled_one_row_product_equals_the_exact_one(dtype):
+    # Inductor's own loop over the weight (row_times_weight) accumulates in float32 like the libraries.
+    layer = DenseLinear(48, 80, bias=dtype == torch.float32).to(dtype)
+    x = torch.randn(1, 1, 48).to(dtype)
+    with packed_decoding():
+        out = torch.compile(layer, dynamic=False)(x)
+    assert out.dtype == dtype and out.shape == (1, 1, 80)
+    bias = None if layer.bias is None else layer.bias.float()
+    exact = F.linear(x.float(), layer.weight.float(), bias)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: its final rounding only
+    torch.testing.assert_close(out.float(), exact, atol=tolerance, rtol=tolerance)

@@ -35,3 +35,19 @@ def tiny_config(**overrides) -> ModelConfig:
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(tiny_config(**overrides)).eval()
+
+
+def captured_calls(fn, *args) -> list[str]:
+    """The torch functions and tensor methods Dynamo captures when compiling fn(*args).
+
+    A recording backend instead of inductor: it shows which path the compiled code takes, in milliseconds.
+    """
+    calls: list[str] = []
+
+    def record(graph_module, example_inputs):
+        nodes = graph_module.graph.nodes
+        calls.extend(str(n.target) for n in nodes if n.op in ("call_function", "call_method"))
+        return graph_module.forward
+
+    torch.compile(fn, backend=record, dynamic=False)(*args)
+    return calls

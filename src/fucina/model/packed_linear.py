@@ -81,6 +81,19 @@ def _packed_linear_shape(x, packed, bias, out_features):  # what torch.compile n
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def row_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One row x (..., in) times weight (out, in)ᵀ written as a sum over `in`, accumulated in float32.
+
+    Only for torch.compile: inductor turns it into its own vectorised, parallel loop over the weight's
+    rows (the product is never materialised), with no library call around it; eagerly it would build
+    the whole (out, in) product.
+    """
+    y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 class DenseLinear(nn.Linear):
     """nn.Linear that multiplies by its packed weight inside `packed_decoding()` (module docstring)."""
 
@@ -88,10 +101,13 @@ class DenseLinear(nn.Linear):
     packed_key: tuple | None = None  # (storage address, version) of the weight `packed` was made from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _decoding and self.packed is not None and x.dtype == self.packed.dtype and x.device.type == "cpu":
-            if torch.compiler.is_compiling():  # opaque to inductor; eagerly the op's wrapper costs ~1.5 µs
-                return packed_linear(x, self.packed, self.bias, self.out_features)
-            return _packed_product(x, self.packed, self.bias)
+        if _decoding and x.device.type == "cpu":
+            if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row, compiled
+                return row_times_weight(x, self.weight, self.bias)
+            if self.packed is not None and x.dtype == self.packed.dtype:
+                if torch.compiler.is_compiling():  # opaque to inductor; eagerly the op's wrapper costs ~1.5 µs
+                    return packed_linear(x, self.packed, self.bias, self.out_features)
+                return _packed_product(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def repack(self) -> None:
