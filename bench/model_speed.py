@@ -8,7 +8,7 @@ Measures, for the `picodac` and `llama-30m` presets (random weights):
 - achieved FLOP/s (fucina.model.info.flops_per_token: 6N + attention per token for training, 2N +
   attention for generation) as a fraction of this machine's matmul ceiling, measured here with large
   fp32 and bf16 matmuls; for generation also the weight bytes streamed per second (batch 1 reads every
-  weight once per token).
+  weight matrix once per token, and one row of each embedding table).
 fucina and HF runs are interleaved round by round (median of the rounds) so that drift in the machine's
 load hits both alike. Each side computes the token-mean cross-entropy its own way, as its training code
 does (transformers: float32 logits -> cross_entropy; fucina: `model(ids, labels=...)`, the LM head fused
@@ -215,6 +215,16 @@ def bench_training(name: str, device: torch.device, quick: bool, ceilings: dict[
 
 
 # Generation ------------------------------------------------------------------------------------------
+def weights_read_per_token(model: Transformer) -> int:
+    """Weights one batch-1 decoding step reads: every matrix but the embedding tables, of which it
+    reads one row (a tied head reads the whole token table, as the head)."""
+    tables = {id(model.token_embedding.weight)}
+    if model.position_embedding is not None:
+        tables.add(id(model.position_embedding.weight))
+    tables.discard(id(model.lm_head.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in tables)
+
+
 def bench_generation(name: str, device: torch.device, quick: bool, ceilings: dict[str, float]) -> list[dict]:
     """Batch-1 greedy generation, fp32 and bf16 weights (both sides cast alike), eager and compiled."""
     config = get_preset(name)
@@ -256,7 +266,7 @@ def bench_generation(name: str, device: torch.device, quick: bool, ceilings: dic
         # Forward FLOPs at the average attended span; at batch 1 every weight is read once per token, so
         # the weight bytes per token times tokens/s is the memory traffic the matmuls need (the usual limit).
         flops = flops_per_token(config, PROMPT_LENGTH + new_tokens // 2).forward
-        weight_bytes = dtype.itemsize * sum(p.numel() for p in ours.parameters())
+        weight_bytes = dtype.itemsize * weights_read_per_token(ours)
         best = max(timing["fucina"]["tokens_per_s"], timing["fucina_compiled"]["tokens_per_s"])
         hf_rate = timing["hf"]["tokens_per_s"]
         rows.append(

@@ -89,14 +89,21 @@ def test_fixed_shape_steps_of_left_padded_rows_match_each_row_alone(variant_mode
         torch.testing.assert_close(step[row, -1], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    ("variant", "batch"),
-    [("mha-learned-gpt2", 1), ("gqa-rope-llama", 1), ("sliding-window-rope", 1), ("gqa-rope-llama", 2)],
-)
+ROPE_SWIGLU = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+COMPILED_CASES = {
+    "mha-learned-gpt2": VARIANTS["mha-learned-gpt2"],
+    "gqa-rope-llama": VARIANTS["gqa-rope-llama"],
+    "sliding-window-rope": VARIANTS["sliding-window-rope"],
+    "mla": dict(mixer="mla", **ROPE_SWIGLU),
+    "moe": dict(ffn="moe", moe_num_experts=4, moe_top_k=2, moe_d_ff=48, **ROPE_SWIGLU),
+}
+
+
+@pytest.mark.parametrize(("case", "batch"), [*((case, 1) for case in COMPILED_CASES), ("gqa-rope-llama", 2)])
 @torch.inference_mode()
-def test_compiled_steps_match_full_recomputation(variant, batch):
+def test_compiled_steps_match_full_recomputation(case, batch):
     # Compiled, one row's products and every row's attention are sums inductor writes itself.
-    model = tiny_model(**VARIANTS[variant])
+    model = tiny_model(**COMPILED_CASES[case])
     ids = _tokens(model, 14, batch=batch)
     full = model(ids)
     cache = model.new_cache(batch_size=batch, max_length=24)
