@@ -53,7 +53,7 @@ def attend(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Fused attention of q (B, H, T, hd) over k, v (B, KV, S, hd); mask is boolean, True = attend."""
-    if q.size(-2) == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+    if q.size(-2) == 1 and dropout_p == 0.0 and q.device.type == "cpu" and torch.compiler.is_compiling():
         return _one_query_attention(q, k, v, mask)
     if _decode_in_float32(q):  # torch's CPU bf16 kernel is slow for a lone query: 43 vs 18 µs upcast
         return attend(q.float(), k.float(), v.float(), mask, is_causal, dropout_p).to(q.dtype)
