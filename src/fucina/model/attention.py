@@ -84,11 +84,11 @@ def _one_query_attention(
     call (the decoding step's attention). GQA: the query heads of one kv head share its keys, no copies.
     """
     B, H, _, hd = q.shape
-    KV, S = k.size(1), k.size(2)
+    KV = k.size(1)
     q4 = q.float().view(B, KV, H // KV, 1, hd) * (1.0 / math.sqrt(hd))
     scores = (q4 * k.float().unsqueeze(2)).sum(-1)  # (B, KV, n_rep, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask.view(B if mask.size(0) == B else 1, -1, 1, S), float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))  # (B or 1, 1, 1, S) broadcasts over heads
     probs = scores.softmax(dim=-1)
     out = (probs.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)  # (B, KV, n_rep, hd)
     return out.view(B, H, 1, v.size(-1)).to(q.dtype)

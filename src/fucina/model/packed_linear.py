@@ -105,10 +105,11 @@ class DenseLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _decoding and x.device.type == "cpu":
-            if torch.compiler.is_compiling() and x.numel() == x.size(-1):  # one row, compiled
+            compiling = torch.compiler.is_compiling()
+            if compiling and x.numel() == x.size(-1):  # one row, compiled
                 return row_times_weight(x, self.weight, self.bias)
             if self.packed is not None and x.dtype == self.packed.dtype:
-                if torch.compiler.is_compiling():  # opaque to inductor (eager: direct, 1.5 µs less)
+                if compiling:  # an opaque op to inductor (eagerly a direct call: 1.5 µs less)
                     return packed_linear(x, self.packed, self.bias, self.out_features)
                 return _packed_product(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
