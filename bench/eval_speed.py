@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = resolve_data_dir(args.data_dir)
 
     if args.model:
-        from fucina.pretrained import load_pretrained
+        from fucina.model_dir import load_pretrained
 
         model, tokenizer = load_pretrained(args.model)
     else:

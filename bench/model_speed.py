@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from fucina.generate import SamplingConfig, generate
+from fucina.inference.generate import SamplingConfig, generate
 from fucina.model.config import ModelConfig
 from fucina.model.info import flops_per_token
 from fucina.model.transformer import Transformer

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from fucina.compress import quantize_model_dir
 from fucina.evaluate.intrinsic import evaluate_texts
-from fucina.generate import SamplingConfig, generate
-from fucina.pretrained import load_pretrained, resolve_model_dir
-from fucina.quantize import quantize_model_dir
+from fucina.inference.generate import SamplingConfig, generate
+from fucina.model_dir import load_pretrained, resolve_model_dir
 from fucina.resources import builtin_prose_files
 
 RESULTS = Path(__file__).parent / "results"
@@ -99,8 +99,8 @@ def llama_cpp_tokens_per_second(
     except ImportError:
         return "llama-cpp-python not installed (make test-interop installs it)"
     from fucina.errors import FucinaError
-    from fucina.export.gguf import export_gguf
-    from fucina.export.source import load_source
+    from fucina.interop.gguf import export_gguf
+    from fucina.interop.source import load_source
 
     try:
         path = export_gguf(load_source(model_dir), work / f"model-{quant}.gguf", quant=quant).path

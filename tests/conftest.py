@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fucina.model.transformer import Transformer
+from tiny_models import VARIANTS, tiny_model
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FUCINA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -21,3 +24,9 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def variant_model(request) -> Transformer:
+    """One tiny model per attention variant (MHA, GQA, MQA, sliding window; learned and RoPE)."""
+    return tiny_model(**VARIANTS[request.param])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import captured_calls, tiny_model
 
 from fucina.model.attention import Attention, _explicit_is_faster, attend, attention_reference
 from fucina.model.context import ForwardContext, build_attention_mask
 from fucina.model.positions import RotaryEmbedding, apply_rotary, rope_tables, rotate_half
+from tiny_models import captured_calls, tiny_model
 
 
 def _qkv(heads=4, kv_heads=4, length=9, head_dim=8, batch=2, dtype=torch.float32, seed=0):

@@ -7,21 +7,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_config, tiny_model
 
 from fucina.cli.main import main
-from fucina.errors import CheckpointError, ConfigError
-from fucina.model.bitnet import BitLinear, quantize_activations, quantize_weight, ternary_codes, weight_scale
-from fucina.model.io import save_model
-from fucina.model.ternary_export import (
+from fucina.compress.ternary import (
     TernaryLinear,
     export_ternary,
     load_ternary,
     pack_ternary,
     unpack_ternary,
 )
+from fucina.errors import CheckpointError, ConfigError
+from fucina.model.bitnet import BitLinear, quantize_activations, quantize_weight, ternary_codes, weight_scale
+from fucina.model.io import save_model
 from fucina.model.transformer import Transformer
 from fucina.resources import builtin_prose_files
+from tiny_models import tiny_config, tiny_model
 
 BITNET = dict(linear="bitnet", positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_config, tiny_model
 
-from fucina.generate import SamplingConfig, generate
+from fucina.inference.generate import SamplingConfig, generate
 from fucina.model.info import cache_bytes_per_token, inference_memory, state_bytes
 from fucina.model.mamba import Mamba, MambaState, _SelectiveScan, selective_scan, selective_scan_reference
+from tiny_models import tiny_config, tiny_model
 
 MAMBA = dict(mixer="mamba", positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, mamba_d_state=8)
 

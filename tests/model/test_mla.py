@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_config, tiny_model
 
 from fucina.cli.main import main
-from fucina.generate import SamplingConfig, generate
+from fucina.inference.generate import SamplingConfig, generate
 from fucina.model.info import attention_cache_comparison, cache_bytes_per_token, count_parameters
 from fucina.model.mla import LatentAttention, LatentKV
+from tiny_models import tiny_config, tiny_model
 
 MLA = dict(mixer="mla", positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 VARIANTS = {

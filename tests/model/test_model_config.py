@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import TINY, tiny_config
 
 from fucina.errors import ConfigError
 from fucina.model.config import ModelConfig
+from tiny_models import TINY, tiny_config
 
 
 def test_unknown_key_is_rejected_by_name_with_a_suggestion():

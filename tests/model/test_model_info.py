@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tiny_models import tiny_config
 
 from fucina.cli.main import main
 from fucina.model.info import (
@@ -16,6 +15,7 @@ from fucina.model.info import (
 from fucina.model.io import save_model
 from fucina.model.transformer import Transformer
 from fucina.presets import get_preset
+from tiny_models import tiny_config
 
 
 @pytest.mark.parametrize("name", ["picodac", "gpt2-real", "llama-30m"])

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from fucina.errors import CheckpointError
 from fucina.model.io import load_model, save_model
+from tiny_models import tiny_model
 
 
 def test_round_trip_restores_every_weight_exactly(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_config, tiny_model
 
 from fucina.errors import ConfigError
 from fucina.model.config import ModelConfig
@@ -12,6 +11,7 @@ from fucina.model.info import count_parameters
 from fucina.model.moe import MixtureOfExperts, load_balancing_loss, routing_metrics, routing_stats
 from fucina.model.transformer import Transformer
 from fucina.presets import get_preset
+from tiny_models import tiny_config, tiny_model
 
 MOE = dict(
     ffn="moe", moe_num_experts=4, moe_top_k=2, moe_d_ff=48, mlp="swiglu", norm="rmsnorm", positions="rope"

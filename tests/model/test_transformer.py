@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_config, tiny_model
 from torch import nn
 
 from fucina.model.linear import LINEARS
 from fucina.model.norms import RMSNorm
 from fucina.model.registry import MIXERS, register_mixer
 from fucina.model.transformer import Transformer, maybe_compile
+from tiny_models import tiny_config, tiny_model
 
 
 def test_tied_head_shares_the_embedding_matrix():

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_helpers import TINY_VOCAB, tiny_config
 
 from fucina.data.readers import iter_texts
 from fucina.resources import builtin_chat_file, builtin_prose_files
 from fucina.tokenizer import train_tokenizer
 from fucina.train.config import config_from_dict
 from fucina.train.loop import train
+from train_helpers import TINY_VOCAB, tiny_config
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
-from train_helpers import sft_config, tiny_config, write_config
 
 from fucina.cli.main import main
 from fucina.train.checkpoint import MODEL_FILE, list_checkpoints
+from train_helpers import sft_config, tiny_config, write_config
 
 
 def _fail(capsys, *args: str) -> str:

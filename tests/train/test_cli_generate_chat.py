@@ -5,13 +5,13 @@ from __future__ import annotations
 import io
 
 import pytest
-from train_helpers import sft_config
 
 from fucina.cli.main import main
 from fucina.cli.train import chat_prompt
 from fucina.tokenizer import FucinaTokenizer
 from fucina.train.config import config_from_dict
 from fucina.train.loop import train
+from train_helpers import sft_config
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import run_cli, sft_config, tiny_config, write_config
 
-from fucina.pretrained import load_pretrained
+from fucina.model_dir import load_pretrained
 from fucina.tokenizer import FucinaTokenizer
 from fucina.train.config import config_from_dict, load_train_config
 from fucina.train.loop import train
+from train_helpers import run_cli, sft_config, tiny_config, write_config
 
 
 def _stats(run):
@@ -104,7 +104,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tokenizer_dir):
     train(config_from_dict(two), tmp_path / "two")
     a = load_file(tmp_path / "one/final/model.safetensors")
     b = load_file(tmp_path / "two/final/model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # AdamW's first steps normalise each gradient element, so float noise in elements whose gradient is
+    # near eps moves weights by ~1e-5; a wrong accumulation moves them by about the learning rate (3e-3).
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 def test_epochs_set_the_step_budget(tmp_path, tokenizer_dir):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from train_helpers import run_cli, sft_config, tiny_config, write_config
 
 from fucina.train.checkpoint import list_checkpoints, load_checkpoint
+from train_helpers import run_cli, sft_config, tiny_config, write_config
 
 STEPS = 10
 KILL_AFTER = 7  # the newest checkpoint is then step 6: steps 7.. are trained again on resume

@@ -57,7 +57,7 @@ def register(subparsers) -> None:
 
 def answer(model, tokenizer, question: str, max_new_tokens: int = 60) -> str:
     """The model's greedy reply to one user message."""
-    from fucina.generate import SamplingConfig, generate
+    from fucina.inference.generate import SamplingConfig, generate
 
     prompt = tokenizer.template.encode_prompt(tokenizer, [{"role": "user", "content": question}])
     sampling = SamplingConfig(
@@ -71,7 +71,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 60) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     from fucina.cli.train import format_result
-    from fucina.pretrained import load_pretrained
+    from fucina.model_dir import load_pretrained
     from fucina.train.config import load_train_config
     from fucina.train.loop import train
 

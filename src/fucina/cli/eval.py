@@ -88,11 +88,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.model is None and (needs_model(tasks) or tokenizer_path is None):
         raise ConfigError("--model is required (only `--tasks tokenizer --tokenizer PATH` runs without one)")
     if needs_model(tasks):
-        from fucina.pretrained import load_pretrained
+        from fucina.model_dir import load_pretrained
 
         model, tokenizer = load_pretrained(args.model, device=args.device)
     elif tokenizer_path is None:
-        from fucina.pretrained import resolve_model_dir
+        from fucina.model_dir import resolve_model_dir
 
         tokenizer_path = resolve_model_dir(args.model)
     settings = EvalSettings(

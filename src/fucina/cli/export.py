@@ -39,18 +39,18 @@ def register(subparsers) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from fucina.export.source import load_source
+    from fucina.interop.source import load_source
 
     source = load_source(args.model)
     if args.format == "hf":
-        from fucina.export.hf import export_hf
+        from fucina.interop.hf_export import export_hf
 
         result = export_hf(source, args.out, overwrite=args.overwrite, picodac_class=args.picodac_class)
         print(f"wrote {result.path}: {result.architecture}, {result.parameters:,} parameters")
         if result.remote_code:
             print("this architecture ships as remote code: load it with trust_remote_code=True")
     else:
-        from fucina.export.gguf import export_gguf
+        from fucina.interop.gguf import export_gguf
 
         result = export_gguf(source, args.out, quant=args.quant, overwrite=args.overwrite)
         print(

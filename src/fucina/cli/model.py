@@ -124,7 +124,7 @@ def _presets(args: argparse.Namespace) -> None:
 def _import_hf(args: argparse.Namespace) -> None:
     import torch
 
-    from fucina.model.hf_import import import_hf_checkpoint, read_hf_config
+    from fucina.interop.hf_import import import_hf_checkpoint, read_hf_config
 
     model_type = read_hf_config(args.hf_dir).get("model_type")
     result = import_hf_checkpoint(
@@ -149,9 +149,9 @@ def _import_hf(args: argparse.Namespace) -> None:
 def _export_ternary(args: argparse.Namespace) -> None:
     import torch
 
+    from fucina.compress.ternary import export_ternary
     from fucina.model.io import load_model
-    from fucina.model.ternary_export import export_ternary
-    from fucina.pretrained import resolve_model_dir
+    from fucina.model_dir import resolve_model_dir
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -27,8 +27,8 @@ def register(subparsers) -> None:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from fucina.compress import quantize_model_dir
     from fucina.errors import ConfigError
-    from fucina.quantize import quantize_model_dir
 
     if args.group_size is not None and args.bits != 4:
         raise ConfigError("--group-size applies to --bits 4 only")

@@ -1,4 +1,4 @@
-"""`fucina train`, `fucina generate` and `fucina chat`: thin calls into fucina.train and fucina.generate.
+"""`fucina train`, `fucina generate` and `fucina chat`: thin calls into fucina.train and fucina.inference.generate.
 
 `fucina train --config CONFIG --out DIR` (or `fucina train CONFIG`) trains one stage (pretraining or
 chat fine-tuning) as the YAML says; the run directory defaults to runs/<config name>. `--set
@@ -45,7 +45,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_compile_argument(parser: argparse.ArgumentParser) -> None:
-    """--compile: decode through torch.compile (see fucina.generate)."""
+    """--compile: decode through torch.compile (see fucina.inference.generate)."""
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -55,7 +55,7 @@ def add_compile_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args: argparse.Namespace, stop_token_ids: list[int]):
-    from fucina.generate import SamplingConfig
+    from fucina.inference.generate import SamplingConfig
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -218,7 +218,7 @@ def format_result(result, dry_run: bool = False) -> str:
 
 
 def _load(path: str):
-    from fucina.pretrained import load_pretrained, resolve_model_dir
+    from fucina.model_dir import load_pretrained, resolve_model_dir
 
     model_dir = resolve_model_dir(path)
     model, tokenizer = load_pretrained(model_dir)
@@ -256,7 +256,7 @@ def chat_prompt(tokenizer, messages: list[dict], context_length: int, max_new_to
 def run_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from fucina.generate import generate
+    from fucina.inference.generate import generate
 
     model, tokenizer, stage = _load(args.model)
     chat_mode = args.chat or (not args.raw and stage != "pretrain")
@@ -279,7 +279,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _stream_reply(model, tokenizer, prompt: list[int], sampling, compile: bool = False) -> str:
-    from fucina.generate import stream
+    from fucina.inference.generate import stream
 
     ids: list[int] = []
     shown = ""

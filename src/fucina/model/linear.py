@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.bitnet import BitLinear
-from fucina.model.packed_linear import DenseLinear
 
 if TYPE_CHECKING:
     from fucina.model.config import ModelConfig

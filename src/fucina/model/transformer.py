@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.block import Block
 from fucina.model.cache import KVCache
 from fucina.model.config import ModelConfig
 from fucina.model.context import ForwardContext, compute_dtype
 from fucina.model.loss import cross_entropy_sum, linear_cross_entropy_sum
 from fucina.model.norms import RMSNorm, build_norm
-from fucina.model.packed_linear import DenseLinear
 from fucina.model.positions import RotaryEmbedding
 
 

@@ -40,23 +40,23 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fucina.config import from_dict
-from fucina.errors import ConfigError, FucinaError, TokenizerError
-from fucina.model.config import ModelConfig
-from fucina.model.io import CONFIG_FILE as MODEL_CONFIG_FILE
-from fucina.model.io import MODEL_VERSION, save_model
-from fucina.model.transformer import Transformer, maybe_compile
-from fucina.presets import get_preset
-from fucina.pretrained import load_pretrained
-from fucina.tokenizer import FucinaTokenizer
-from fucina.train.checkpoint import replace_file_atomically, save_checkpoint
-from fucina.train.config import TrainConfig, scientific_floats
-from fucina.train.data_stage import (
+from fucina.data.loaders import (
     DataPosition,
     StageData,
     epochs_to_steps,
     prepare_stage_data,
     prepare_tokenizer,
 )
+from fucina.errors import ConfigError, FucinaError, TokenizerError
+from fucina.model.config import ModelConfig
+from fucina.model.io import CONFIG_FILE as MODEL_CONFIG_FILE
+from fucina.model.io import MODEL_VERSION, save_model
+from fucina.model.transformer import Transformer, maybe_compile
+from fucina.model_dir import load_pretrained
+from fucina.presets import get_preset
+from fucina.tokenizer import FucinaTokenizer
+from fucina.train.checkpoint import replace_file_atomically, save_checkpoint
+from fucina.train.config import TrainConfig, scientific_floats
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
 from fucina.train.objectives import IGNORE_INDEX
 from fucina.train.optim import build_optimizer

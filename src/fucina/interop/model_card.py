@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fucina.export.source import ExportSource
+from fucina.interop.source import ExportSource
 from fucina.model.info import count_parameters
 
 VALIDATION_FIELDS = (

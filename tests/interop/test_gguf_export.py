@@ -8,8 +8,8 @@ import pytest
 import torch
 from export_helpers import architecture_model_dir
 
-from fucina.export.gguf import export_gguf, permute_for_llama_cpp
-from fucina.export.source import load_source
+from fucina.interop.gguf import export_gguf, permute_for_llama_cpp
+from fucina.interop.source import load_source
 from fucina.model.positions import apply_rotary, rope_tables
 from fucina.tokenizer import LLAMA_CPP_PRETOKENIZER, bpe_merges
 

@@ -8,10 +8,10 @@ import pytest
 from export_helpers import ARCHITECTURES, architecture_model_dir, random_model, write_model_dir
 
 from fucina.cli.main import main
-from fucina.export.gguf import export_gguf
-from fucina.export.hf import export_hf
-from fucina.export.output import OutputExistsError
-from fucina.export.source import ExportError, load_source
+from fucina.fsutil import OutputExistsError
+from fucina.interop.gguf import export_gguf
+from fucina.interop.hf_export import export_hf
+from fucina.interop.source import ExportError, load_source
 
 
 def test_a_model_without_tokenizer_is_refused_naming_the_directory(tmp_path):

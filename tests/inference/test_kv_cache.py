@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VARIANTS, tiny_model
 
-from fucina.generate import compiled_step
-from fucina.model.packed_linear import pack_linears, packed_decoding
+from fucina.inference.cpu_kernels import pack_linears, packed_decoding
+from fucina.inference.generate import compiled_step
 from fucina.model.transformer import Transformer
+from tiny_models import VARIANTS, tiny_model
 
 
 def _tokens(model: Transformer, length: int, seed: int = 1, batch: int = 2) -> torch.Tensor:

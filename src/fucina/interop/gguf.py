@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fucina.export.architecture import describe, unsupported_parts
-from fucina.export.output import staged_output
-from fucina.export.source import ExportError, ExportSource
+from fucina.fsutil import staged_output
+from fucina.interop.architecture import describe, unsupported_parts
+from fucina.interop.source import ExportError, ExportSource
 from fucina.model.config import ModelConfig
 from fucina.tokenizer import LLAMA_CPP_PRETOKENIZER, FucinaTokenizer, bpe_merges
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from export_helpers import ITALIAN_SAMPLES, architecture_model_dir, random_model, write_model_dir
 
-from fucina.export.gguf import export_gguf
-from fucina.export.source import load_source
-from fucina.generate import SamplingConfig, generate
+from fucina.inference.generate import SamplingConfig, generate
+from fucina.interop.gguf import export_gguf
+from fucina.interop.source import load_source
 from fucina.resources import builtin_chat_file, builtin_prose_files
 from fucina.tokenizer import train_tokenizer
 

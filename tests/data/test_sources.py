@@ -6,12 +6,12 @@ import json
 import lzma
 
 import pytest
-from train_helpers import tiny_config
 
+from fucina.data.loaders import read_records, read_texts
 from fucina.data.readers import ReadStats
 from fucina.errors import ConfigError, DataError
 from fucina.train.config import config_from_dict
-from fucina.train.data_stage import read_records, read_texts
+from train_helpers import tiny_config
 
 
 def _corpus(tmp_path):

@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from fucina.export.architecture import describe, unsupported_parts
-from fucina.export.model_card import write_model_card
-from fucina.export.output import staged_output
-from fucina.export.source import ExportError, ExportSource
+from fucina.fsutil import staged_output
+from fucina.interop.architecture import describe, unsupported_parts
+from fucina.interop.model_card import write_model_card
+from fucina.interop.source import ExportError, ExportSource
 from fucina.model.config import ModelConfig
 from fucina.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 
@@ -312,7 +312,7 @@ def _ministral(config: ModelConfig, state: dict[str, torch.Tensor], source: Expo
 
 
 def _picodac(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
-    from fucina.export.hf_remote.configuration_fucina_picodac import FucinaPicoDACConfig
+    from fucina.interop.hf_remote.configuration_fucina_picodac import FucinaPicoDACConfig
 
     hf_config = _make_config(
         FucinaPicoDACConfig,
@@ -378,7 +378,7 @@ def _make_config(cls: type, **kwargs: Any):
 
 def _build_hf_model(architecture: str, hf_config) -> torch.nn.Module:
     if architecture == REMOTE_CODE_ARCHITECTURE:
-        from fucina.export.hf_remote.modeling_fucina_picodac import FucinaPicoDACForCausalLM
+        from fucina.interop.hf_remote.modeling_fucina_picodac import FucinaPicoDACForCausalLM
 
         # save_pretrained then copies the two remote-code files and writes config.json's auto_map.
         type(hf_config).register_for_auto_class()

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 
 from fucina.errors import ConfigError, FucinaError
+from fucina.inference.cpu_kernels import pack_linears, packed_decoding
 from fucina.model.cache import KVCache
-from fucina.model.packed_linear import pack_linears, packed_decoding
 from fucina.model.transformer import Transformer
 
 log = logging.getLogger(__name__)

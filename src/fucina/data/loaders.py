@@ -31,10 +31,10 @@ import torch
 
 from fucina.data.packing import META_FILE, TokenShards, check_tokenizer, pack_corpus
 from fucina.data.readers import ReadStats, iter_conversations, iter_texts
+from fucina.data.sources import check_sources, iter_filtered, load_exclusions
 from fucina.errors import DataError, TokenizerError
 from fucina.tokenizer import FucinaTokenizer, train_tokenizer
 from fucina.train.config import BUILTIN_SOURCE, TrainConfig, is_path_source
-from fucina.train.exclusions import check_sources, iter_filtered, load_exclusions
 from fucina.train.objectives import IGNORE_INDEX
 
 log = logging.getLogger(__name__)

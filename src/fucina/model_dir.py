@@ -42,7 +42,7 @@ def load_pretrained(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[Transformer, FucinaTokenizer]:
     """Load model and tokenizer from a model or run directory; the tokenizer must fit the model."""
-    from fucina.quantize import is_quantized_dir, load_quantized
+    from fucina.compress import is_quantized_dir, load_quantized
 
     model_dir = resolve_model_dir(path)
     if is_quantized_dir(model_dir):

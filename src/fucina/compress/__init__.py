@@ -2,11 +2,10 @@
 
 layers.py holds the quantized linear layers and their kernels; model_dir.py quantizes a model and saves
 or loads a quantized model directory (a model directory with a `fucina_quantization` marker in
-config.json, which `fucina generate` / `fucina chat` load through fucina.pretrained).
+config.json, which `fucina generate` / `fucina chat` load through fucina.model_dir).
 """
 
-from fucina.quantize.layers import Int4Linear, Int8Linear
-from fucina.quantize.model_dir import (
+from fucina.compress.quantize import (
     QuantizationSpec,
     QuantizeResult,
     is_quantized_dir,
@@ -15,6 +14,7 @@ from fucina.quantize.model_dir import (
     quantize_model_dir,
     save_quantized,
 )
+from fucina.compress.quantized_layers import Int4Linear, Int8Linear
 
 __all__ = [
     "Int4Linear",

@@ -12,9 +12,9 @@ import transformers
 from export_helpers import ARCHITECTURES, ITALIAN_SAMPLES, architecture_model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fucina.export.hf import export_hf
-from fucina.export.source import load_source
-from fucina.generate import SamplingConfig, generate
+from fucina.inference.generate import SamplingConfig, generate
+from fucina.interop.hf_export import export_hf
+from fucina.interop.source import load_source
 
 EXPECTED_CLASS = {
     "gpt2": "GPT2LMHeadModel",

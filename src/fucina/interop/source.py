@@ -1,7 +1,7 @@
 """What an export reads: the model directory (or run directory) with its tokenizer and training records.
 
 Design choices, and why:
-- Resolved through `fucina.pretrained.resolve_model_dir`, so `--model runs/x` means the same thing for
+- Resolved through `fucina.model_dir.resolve_model_dir`, so `--model runs/x` means the same thing for
   export as for generate, chat and eval (the run's best/, else final/).
 - An export without its tokenizer would be unusable (no ids to feed, no chat template), so a model
   directory lacking tokenizer.json is refused up front with a message naming the directory.
@@ -24,7 +24,7 @@ import yaml
 from fucina.errors import FucinaError
 from fucina.model.io import load_model
 from fucina.model.transformer import Transformer
-from fucina.pretrained import resolve_model_dir
+from fucina.model_dir import resolve_model_dir
 from fucina.tokenizer import TOKENIZER_FILE, FucinaTokenizer
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class ExportSource:
 def load_source(path: str | Path) -> ExportSource:
     """Load the model directory at `path` (or the one of the run directory `path`) for export."""
     model_dir = resolve_model_dir(path)
-    from fucina.quantize import is_quantized_dir
+    from fucina.compress import is_quantized_dir
 
     if is_quantized_dir(model_dir):
         raise ExportError(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from fucina.errors import ConfigError, FucinaError
-from fucina.generate import SamplingConfig, choose_next_tokens, generate, stream
+from fucina.inference.generate import SamplingConfig, choose_next_tokens, generate, stream
+from tiny_models import tiny_model
 
 PROMPTS = [[3, 14, 15, 92, 65], [35], [89, 79, 32, 38, 46, 26, 43, 38, 32], [2, 71, 82]]
 

@@ -30,12 +30,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from fucina.compress.quantized_layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from fucina.errors import CheckpointError, ConfigError
+from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.config import ModelConfig
 from fucina.model.io import CONFIG_FILE, MODEL_VERSION, WEIGHTS_FILE
-from fucina.model.packed_linear import DenseLinear
 from fucina.model.transformer import Transformer
-from fucina.quantize.layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,9 @@ def quantize_model_dir(
     path: str | Path, out: str | Path, bits: int, group_size: int | None = None, overwrite: bool = False
 ) -> QuantizeResult:
     """Quantize the model of a model or run directory into the quantized model directory `out`."""
-    from fucina.export.output import staged_output
+    from fucina.fsutil import staged_output
     from fucina.model.io import load_model
-    from fucina.pretrained import resolve_model_dir
+    from fucina.model_dir import resolve_model_dir
 
     source_dir = resolve_model_dir(path)
     if is_quantized_dir(source_dir):

@@ -10,13 +10,13 @@ from quantize_helpers import make_model_dir
 from safetensors import safe_open
 from torch import nn
 
+from fucina.compress import Int4Linear, Int8Linear, is_quantized_dir, quantize_model_dir
+from fucina.compress.quantize import quantizable_linears
 from fucina.errors import CheckpointError, ConfigError
-from fucina.export.output import OutputExistsError
-from fucina.generate import SamplingConfig, generate
+from fucina.fsutil import OutputExistsError
+from fucina.inference.generate import SamplingConfig, generate
 from fucina.model.io import load_model
-from fucina.pretrained import load_pretrained
-from fucina.quantize import Int4Linear, Int8Linear, is_quantized_dir, quantize_model_dir
-from fucina.quantize.model_dir import quantizable_linears
+from fucina.model_dir import load_pretrained
 
 
 def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

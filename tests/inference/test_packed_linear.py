@@ -8,16 +8,16 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import captured_calls, tiny_model
 
-from fucina.generate import SamplingConfig, generate
-from fucina.model.packed_linear import (
+from fucina.inference.cpu_kernels import (
     DenseLinear,
     pack_linears,
     packable_dtypes,
     packed_decoding,
     packing_available,
 )
+from fucina.inference.generate import SamplingConfig, generate
+from tiny_models import captured_calls, tiny_model
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 

@@ -21,15 +21,15 @@ from transformers import (
 
 from fucina.cli.main import main
 from fucina.errors import CheckpointError, TokenizerError
-from fucina.generate import SamplingConfig, generate
-from fucina.model.hf_import import (
+from fucina.inference.generate import SamplingConfig, generate
+from fucina.interop.hf_import import (
     UnsupportedCheckpointError,
     hf_model_config,
     import_hf_checkpoint,
     import_hf_model,
     import_hf_tokenizer,
 )
-from fucina.pretrained import load_pretrained
+from fucina.model_dir import load_pretrained
 
 VOCAB = 120
 LLAMA_SHAPE = dict(
