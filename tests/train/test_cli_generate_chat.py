@@ -7,7 +7,7 @@ import io
 import pytest
 
 from fucina.cli.main import main
-from fucina.cli.train import chat_prompt
+from fucina.inference.chat import chat_prompt
 from fucina.tokenizer import FucinaTokenizer
 from fucina.train.config import config_from_dict
 from fucina.train.loop import train

@@ -70,7 +70,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 60) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from fucina.cli.train import format_result
+    from fucina.cli.summary import format_result
     from fucina.model_dir import load_pretrained
     from fucina.train.config import load_train_config
     from fucina.train.loop import train

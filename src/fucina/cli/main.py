@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "fucina.cli.data",
     "fucina.cli.model",
     "fucina.cli.train",
+    "fucina.cli.generate",
     "fucina.cli.demo",
     "fucina.cli.eval",
     "fucina.cli.export",
