@@ -13,8 +13,8 @@ Design choices:
   appended to it (prefill a prompt, then one token at a time). `last_only=True` skips the LM head for all
   but the last position, which is all generation needs. `forward(input_ids, labels=labels)` returns
   the summed training loss instead, through a fused LM-head + cross-entropy (loss.py).
-- `gradient_checkpointing` recomputes each block in the backward pass (torch.utils.checkpoint) instead
-  of keeping its activations: less memory, ~30% more compute. `maybe_compile` wraps torch.compile.
+- `maybe_compile` wraps torch.compile. Gradient checkpointing is a training option: the trainer wraps
+  each block (train/activation_checkpointing.py); the model always runs its blocks plainly.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.block import Block
@@ -139,9 +138,8 @@ class Transformer(nn.Module):
             pad_lengths=pad_lengths,
             rope=self.rotary(positions, compute_dtype(x)) if self.rotary is not None else None,
         )
-        checkpointing = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, ctx, use_reentrant=False) if checkpointing else block(x, ctx)
+            x = block(x, ctx)
         if cache is not None and slot is None:
             cache.length = end
         if last_only:
