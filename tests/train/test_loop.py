@@ -159,7 +159,12 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path, tokenizer_d
     train(config_from_dict(recomputed), tmp_path / "recomputed")
     a = load_file(tmp_path / "plain/final/model.safetensors")
     b = load_file(tmp_path / "recomputed/final/model.safetensors")
+    assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # The switch is a training option: the run's config.json and its model directories' agree.
+    run_config = json.loads((tmp_path / "recomputed/config.json").read_text())
+    assert run_config == json.loads((tmp_path / "recomputed/best/config.json").read_text())
+    assert run_config == json.loads((tmp_path / "plain/config.json").read_text())
 
 
 def test_moe_tokens_per_expert_are_logged_to_metrics_and_tensorboard(tmp_path, tokenizer_dir):

@@ -35,6 +35,9 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "swiglu")
 MAMBA_SCANS = ("auto", "parallel", "sequential")
+# Keys that config.json files once held and that no longer describe the architecture (gradient
+# checkpointing became a training option, train.gradient_checkpointing).
+RETIRED_KEYS = frozenset({"gradient_checkpointing"})
 
 
 @dataclass
@@ -65,7 +68,6 @@ class ModelConfig:
     layer_ffns: list[str] | None = None  # per layer, or a repeated pattern; overrides `ffn`
     linear: str = "dense"  # factory for the blocks' projection layers (linear.py)
     init_std: float = 0.02
-    gradient_checkpointing: bool = False
     # Mixture of experts (ffn "moe", moe.py)
     moe_num_experts: int = 8
     moe_top_k: int = 2  # 1: Switch (gate = the top probability); 2+: Mixtral (top-k renormalised)
@@ -269,8 +271,12 @@ class ModelConfig:
     # Serialisation -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model") -> ModelConfig:
-        """Build from plain data (config.json, YAML); unknown keys and bad values raise ConfigError."""
-        return from_dict(cls, data, where)
+        """Build from plain data (config.json, YAML); unknown keys and bad values raise ConfigError.
+
+        Keys in RETIRED_KEYS (fields that moved out of the architecture) are dropped, so config.json
+        files written before the move still load.
+        """
+        return from_dict(cls, {k: v for k, v in data.items() if k not in RETIRED_KEYS}, where)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable data that `from_dict` turns back into an equal config."""

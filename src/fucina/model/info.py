@@ -168,16 +168,13 @@ def training_memory(
     batch_size: int,
     context_length: int | None = None,
     activation_bytes: int = 2,
-    gradient_checkpointing: bool | None = None,
+    gradient_checkpointing: bool = False,
 ) -> TrainingMemory:
     """Memory to train `config` on batches of batch_size x context_length tokens."""
     tokens = batch_size * (context_length or config.context_length)
     params = count_parameters(config).total
     per_layer = [_activation_elements_per_token(config, i) for i in range(config.n_layers)]
-    checkpointing = (
-        config.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    )
-    kept = config.n_layers * config.d_model + max(per_layer) if checkpointing else sum(per_layer)
+    kept = config.n_layers * config.d_model + max(per_layer) if gradient_checkpointing else sum(per_layer)
     kept += 2 * config.d_model  # embedding output, final norm input
     activations = tokens * (kept * activation_bytes + config.vocab_size * (activation_bytes + 8))
     return TrainingMemory(

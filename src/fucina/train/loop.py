@@ -55,6 +55,7 @@ from fucina.model.transformer import Transformer, maybe_compile
 from fucina.model_dir import load_pretrained
 from fucina.presets import get_preset
 from fucina.tokenizer import FucinaTokenizer
+from fucina.train.activation_checkpointing import apply_activation_checkpointing
 from fucina.train.checkpoint import replace_file_atomically, save_checkpoint
 from fucina.train.config import TrainConfig, scientific_floats
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
@@ -287,7 +288,7 @@ class Trainer:
     def _configure_model_switches(self) -> None:
         train = self.config.train
         if train.gradient_checkpointing:
-            self.model.config.gradient_checkpointing = True
+            apply_activation_checkpointing(self.model)
         self.forward = maybe_compile(self.model, train.compile)
 
     def _total_steps(self) -> int:
