@@ -2,8 +2,9 @@
 
 Design choices, and why:
 - One data root for everything evaluation reads: `--data-dir`, else `$FUCINA_DATA_DIR`, else
-  `../shared/data` next to the repository (the layout of a development checkout). Task files and held-out
-  splits are named relative to it, so a task YAML works on any machine that has the data.
+  `../shared/data` beside the working directory (where a checkout's data sits). Never the package's own
+  position on disk: an installed fucina lives in site-packages, far from any data. Task files and
+  held-out splits are named relative to the root, so a task YAML works on any machine that has the data.
 - `splits.json` of the data root names the held-out documents (by their `id` field, or `"all"` of a
   file). We read exactly those, in file order, so held-out bits per byte compare across runs.
 - JSONL records are read here with their line numbers (not through `iter_texts`, which yields only the
@@ -34,17 +35,23 @@ HELDOUT_SOURCES: dict[str, tuple[str, str]] = {
 
 
 def default_data_dir() -> Path:
-    """`$FUCINA_DATA_DIR` if set, else `../shared/data` next to the repository holding this package."""
+    """`$FUCINA_DATA_DIR` if set, else `../shared/data` beside the current working directory."""
     if os.environ.get(DATA_DIR_ENV):
         return Path(os.environ[DATA_DIR_ENV])
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The data root to use (`data_dir` when given); DataError when it does not exist."""
+    """The data root to use (`data_dir` when given); DataError naming all three places when it is missing."""
     path = Path(data_dir) if data_dir is not None else default_data_dir()
     if not path.is_dir():
-        raise DataError(f"evaluation data directory not found; pass --data-dir or set ${DATA_DIR_ENV}", path)
+        environment = os.environ.get(DATA_DIR_ENV)
+        raise DataError(
+            "evaluation data directory not found: pass --data-dir DIR, or set "
+            f"${DATA_DIR_ENV} (now {'unset' if not environment else repr(environment)}), "
+            f"or put the data in ../shared/data beside the working directory ({Path.cwd().parent / 'shared' / 'data'})",
+            path,
+        )
     return path
 
 
