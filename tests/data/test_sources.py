@@ -45,7 +45,7 @@ def _config(data, **section):
 def test_held_out_documents_are_left_out_of_pretraining_text(tmp_path):
     data = _corpus(tmp_path)
     config = _config(data, train=[str(data / "prose.jsonl.xz")])
-    assert list(read_texts(config.data.train, "pretrain", config)) == [
+    assert list(read_texts(config.data.train, "prose", config)) == [
         "Documento numero 0.",
         "Documento numero 2.",
     ]
@@ -54,7 +54,7 @@ def test_held_out_documents_are_left_out_of_pretraining_text(tmp_path):
 def test_held_out_conversations_are_left_out_of_fine_tuning(tmp_path):
     data = _corpus(tmp_path)
     config = _config(data, train=[str(data / "chat.jsonl")])
-    conversations = list(read_records(config.data.train, "sft", config, "conversation", ReadStats()))
+    conversations = list(read_records(config.data.train, "chat", config, "conversation", ReadStats()))
     assert [c[1]["content"] for c in conversations] == ["R0", "R1"]
 
 
@@ -62,14 +62,14 @@ def test_a_whole_file_can_be_held_out(tmp_path):
     data = _corpus(tmp_path)
     (data / "splits.json").write_text(json.dumps({"chat.jsonl": {"test": "all"}}), encoding="utf-8")
     config = _config(data, train=[str(data / "chat.jsonl"), str(data / "prose.jsonl.xz")])
-    assert len(list(read_texts(config.data.train, "pretrain", config))) == 4  # only the prose
+    assert len(list(read_texts(config.data.train, "prose", config))) == 4  # only the prose
 
 
 def test_a_directory_holding_a_held_out_file_is_refused(tmp_path):
     data = _corpus(tmp_path)
     config = _config(data, train=[str(data)])
     with pytest.raises(ConfigError, match="held-out file"):
-        list(read_texts(config.data.train, "pretrain", config))
+        list(read_texts(config.data.train, "prose", config))
 
 
 def test_a_missing_split_list_is_named(tmp_path):
@@ -80,7 +80,7 @@ def test_a_missing_split_list_is_named(tmp_path):
         )
     )
     with pytest.raises(DataError, match="nope.json"):
-        list(read_texts(config.data.train, "pretrain", config))
+        list(read_texts(config.data.train, "prose", config))
 
 
 def test_bad_lines_of_a_filtered_file_are_named_or_skipped(tmp_path):
@@ -89,6 +89,6 @@ def test_bad_lines_of_a_filtered_file_are_named_or_skipped(tmp_path):
         handle.write("{broken\n")
     config = _config(data, train=[str(data / "chat.jsonl")])
     with pytest.raises(DataError, match=r"chat.jsonl:4: malformed JSON"):
-        list(read_texts(config.data.train, "pretrain", config))
+        list(read_texts(config.data.train, "prose", config))
     config = _config(data, train=[str(data / "chat.jsonl")], skip_bad=True)
-    assert len(list(read_texts(config.data.train, "pretrain", config))) == 2
+    assert len(list(read_texts(config.data.train, "prose", config))) == 2

@@ -1,4 +1,4 @@
-"""The LM objective: SFT trains on assistant tokens only, the loss is a token mean, never NaN."""
+"""Objectives: SFT trains on assistant tokens only, the loss is a token mean, never NaN; sequence log-probs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from fucina.data.sft import SFTDataset, collate_batch
 from fucina.model.transformer import Transformer
 from fucina.presets import get_preset
 from fucina.tokenizer import FucinaTokenizer
-from fucina.train.objectives import IGNORE_INDEX, lm_loss, lm_loss_sum
+from fucina.train.objectives import (
+    IGNORE_INDEX,
+    LanguageModelingObjective,
+    lm_loss,
+    lm_loss_sum,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 CONVERSATIONS = [
     [
@@ -97,3 +104,56 @@ def test_summed_micro_batch_losses_give_the_token_mean_of_the_whole_step():
     total = sum(n for _, n in sums)
     accumulated = sum(s for s, _ in sums) / total
     assert torch.allclose(accumulated, lm_loss(logits, labels), atol=1e-6)
+
+
+def test_sequence_logprobs_match_a_plain_log_softmax():
+    model = _model(97)
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(2))
+    labels[0, :4] = IGNORE_INDEX
+    labels[2, 7:] = IGNORE_INDEX
+    got = sequence_logprobs(model, ids, labels)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    with torch.no_grad():
+        log_probs = F.log_softmax(model(ids).double(), dim=-1)
+    expected = [
+        sum(float(log_probs[b, t, labels[b, t]]) for t in range(10) if labels[b, t] != IGNORE_INDEX)
+        for b in range(3)
+    ]
+    torch.testing.assert_close(
+        got.detach().double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=1e-5
+    )
+    # The LM loss is the same quantity, negated and summed over the batch.
+    total, _ = lm_loss_sum(model(ids), labels)
+    torch.testing.assert_close(-got.sum(), total, atol=1e-4, rtol=1e-5)
+
+
+def test_masked_tokens_never_contribute_to_sequence_logprobs():
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
+    labels[0, ::2] = IGNORE_INDEX
+    labels[1] = IGNORE_INDEX  # nothing supervised in this row
+    per_token = token_logprobs(logits, labels)
+    assert torch.all(per_token[labels == IGNORE_INDEX] == 0)
+    per_token.sum().backward()
+    assert torch.count_nonzero(logits.grad[labels == IGNORE_INDEX]) == 0
+    assert torch.count_nonzero(logits.grad[labels != IGNORE_INDEX].abs().sum(-1)) == int(
+        (labels != IGNORE_INDEX).sum()
+    )
+    # Whatever the logits say at masked positions, the sums do not move.
+    tampered = logits.detach().clone()
+    tampered[labels == IGNORE_INDEX] = 1e4
+    assert torch.equal(token_logprobs(tampered, labels).sum(-1), per_token.detach().sum(-1))
+    assert per_token[1].sum().item() == 0.0
+
+
+def test_lm_objective_uses_the_fused_loss_and_counts_supervised_tokens(tokenizer_dir):
+    tokenizer = FucinaTokenizer.load(tokenizer_dir)
+    model = _model(tokenizer.vocab_size)
+    batch = collate_batch(list(SFTDataset(CONVERSATIONS, tokenizer, context_length=128)), tokenizer.pad_id)
+    objective = LanguageModelingObjective()
+    output = objective(model, batch)
+    count = int((batch["labels"] != IGNORE_INDEX).sum())
+    assert output.count == objective.supervised_count(batch) == count < batch["labels"].numel()
+    reference, _ = lm_loss_sum(model(batch["input_ids"]), batch["labels"])
+    torch.testing.assert_close(output.loss_sum, reference, atol=1e-4, rtol=1e-5)

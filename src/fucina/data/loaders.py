@@ -5,16 +5,24 @@ Design choices:
   `numpy.random.default_rng([seed, epoch]).permutation`, SFT batches follow the length-grouped sampler
   with `set_epoch(epoch)`. The position in the data is just `(epoch, index)`, which the checkpoint stores,
   so a resumed run sees exactly the batches an uninterrupted one would (no sampler state to pickle).
+- Rank-aware: a step's GLOBAL batch is `batch_size x grad_accum x world_size` rows taken in that one
+  order, and rank r keeps its contiguous slice (its `grad_accum` micro-batches of `batch_size`). So the
+  documents and their order do not depend on how many processes train, the union of the ranks' rows is
+  the batch one process would take with the same global size, every rank advances the same position,
+  and each rank reads (from the memory-mapped shards, or collates) only its own rows. Validation
+  batches are dealt round-robin to the ranks, whose sums add up to the single-process ones.
 - Pretraining draws batches from an endless stream of windows: when an epoch's permutation runs out
   the batch continues with the next epoch's, so every batch has the same shape and no window is skipped.
 - Sources: `builtin` (the built-in prose for pretraining, the built-in conversations for SFT),
   `builtin:prose`, `builtin:chat`, files or directories (.txt/.jsonl, optionally .xz/.gz) and `hf:NAME`.
 - `data.exclude` names held-out split lists (shared/data/splits.json): their records are skipped by
-  every read of the run, tokenizer training included (see exclusions.py).
+  every read of the run, tokenizer training included (see sources.py).
 - Pretraining text is packed once into `<run>/data/` (memory-mapped shards + meta.json, written
   atomically by `pack_corpus`); a resumed run reuses it after checking it was made by this tokenizer.
 - Bits per byte: pretraining uses the UTF-8 bytes per token of the validation split (from meta.json);
   SFT counts the bytes of the supervised tokens themselves (assistant text; special tokens count 0).
+- Each stage's data builder (`build_pretrain_data`, `build_sft_data`) is named by the stage table
+  (train/stages.py); nothing here branches on the stage's name.
 """
 
 from __future__ import annotations
@@ -25,17 +33,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fucina.data.packing import META_FILE, TokenShards, check_tokenizer, pack_corpus
 from fucina.data.readers import ReadStats, iter_conversations, iter_texts
-from fucina.data.sources import check_sources, iter_filtered, load_exclusions
+from fucina.data.sources import BUILTIN_SOURCE, check_sources, is_path_source, iter_filtered, load_exclusions
 from fucina.errors import DataError, TokenizerError
+from fucina.model.loss import IGNORE_INDEX
 from fucina.tokenizer import FucinaTokenizer, train_tokenizer
-from fucina.train.config import BUILTIN_SOURCE, TrainConfig, is_path_source
-from fucina.train.objectives import IGNORE_INDEX
+
+if TYPE_CHECKING:  # the data only reads the config's sections; the config never imports the data
+    from fucina.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +63,15 @@ class DataPosition:
     index: int = 0
 
 
-def expand_sources(sources: list[str], stage: str) -> list[str | Path]:
-    """Config sources as reader inputs: `builtin` names become the packaged corpus files."""
+def expand_sources(sources: list[str], builtin: str) -> list[str | Path]:
+    """Config sources as reader inputs: `builtin` names become the packaged corpus files.
+
+    `builtin`: which built-in corpus a bare `builtin` source means ("prose" or "chat").
+    """
     expanded: list[str | Path] = []
     for source in sources:
         if source == BUILTIN_SOURCE:
-            source = f"{BUILTIN_SOURCE}:{'prose' if stage == 'pretrain' else 'chat'}"
+            source = f"{BUILTIN_SOURCE}:{builtin}"
         if source == f"{BUILTIN_SOURCE}:prose":
             from fucina.resources import builtin_prose_files
 
@@ -74,11 +88,14 @@ def expand_sources(sources: list[str], stage: str) -> list[str | Path]:
 
 
 def read_records(
-    sources: list[str], stage: str, config: TrainConfig, kind: str, stats: ReadStats
+    sources: list[str], builtin: str, config: TrainConfig, kind: str, stats: ReadStats
 ) -> Iterator:
-    """Texts (kind "text") or conversations of `sources`, minus the held-out records of data.exclude."""
+    """Texts (kind "text") or conversations of `sources`, minus the held-out records of data.exclude.
+
+    `builtin`: which built-in corpus a bare `builtin` source means ("prose" or "chat").
+    """
     reader = iter_texts if kind == "text" else iter_conversations
-    inputs = expand_sources(sources, stage)
+    inputs = expand_sources(sources, builtin)
     if not config.data.exclude:
         yield from reader(inputs, skip_bad=config.data.skip_bad, stats=stats)
         return
@@ -92,15 +109,18 @@ def read_records(
             yield from iter_filtered(Path(source), held_out, kind, config.data.skip_bad, stats)
 
 
-def read_texts(sources: list[str], stage: str, config: TrainConfig) -> Iterator[str]:
+def read_texts(sources: list[str], builtin: str, config: TrainConfig) -> Iterator[str]:
     """Documents of `sources`, at most data.max_documents of them; bad records per data.skip_bad."""
-    return islice(read_records(sources, stage, config, "text", ReadStats()), config.data.max_documents)
+    return islice(read_records(sources, builtin, config, "text", ReadStats()), config.data.max_documents)
 
 
 def prepare_tokenizer(
-    config: TrainConfig, run_dir: Path, inherited: FucinaTokenizer | None
+    config: TrainConfig, run_dir: Path, inherited: FucinaTokenizer | None, builtin: str
 ) -> FucinaTokenizer:
-    """The run's tokenizer (saved in the run directory): reused, loaded, inherited or trained."""
+    """The run's tokenizer (saved in the run directory): reused, loaded, inherited or trained.
+
+    `builtin`: the built-in corpus a bare `builtin` source means for this stage ("prose" or "chat").
+    """
     if (run_dir / "tokenizer.json").is_file():
         tokenizer = FucinaTokenizer.load(run_dir)
         if inherited is not None and inherited.backend.to_str() != tokenizer.backend.to_str():
@@ -118,7 +138,7 @@ def prepare_tokenizer(
         sources = section.inputs or config.data.train
         log.info("training a %d-token %s tokenizer on %s", section.vocab_size, section.template, sources)
         tokenizer = train_tokenizer(
-            read_texts(sources, config.stage, config),
+            read_texts(sources, builtin, config),
             vocab_size=section.vocab_size,
             template=section.template,
             pretokenizer=section.pretokenizer,
@@ -129,19 +149,51 @@ def prepare_tokenizer(
     return tokenizer
 
 
+# --- sharding ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataShard:
+    """This process's place among the processes of a run: rank in [0, world_size)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise DataError(f"rank {self.rank} is not in [0, world_size {self.world_size})")
+
+    def slice_of(self, items: list, per_rank: int) -> list:
+        """This rank's contiguous share of a step's global list of `per_rank * world_size` items."""
+        return items[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def owns(self, number: int) -> bool:
+        """Round-robin ownership of the `number`-th item of a sequence (validation batches)."""
+        return number % self.world_size == self.rank
+
+
 # --- pretraining -------------------------------------------------------------------------------------
 
 
 class PretrainBatches:
-    """Training batches of packed windows, in a (seed, epoch)-determined order."""
+    """Training steps of packed windows, in a (seed, epoch)-determined order, sharded by rank."""
 
-    def __init__(self, shards: TokenShards, context_length: int, batch_size: int, seed: int):
+    def __init__(
+        self,
+        shards: TokenShards,
+        context_length: int,
+        batch_size: int,
+        seed: int,
+        grad_accum: int = 1,
+        shard: DataShard = DataShard(),
+    ):
         self.shards, self.context_length, self.batch_size, self.seed = (
             shards,
             context_length,
             batch_size,
             seed,
         )
+        self.grad_accum, self.shard = grad_accum, shard
         self.num_windows = shards.num_windows(context_length)
         if self.num_windows == 0:
             raise DataError(
@@ -160,27 +212,55 @@ class PretrainBatches:
     def batches_per_epoch(self) -> float:
         return self.num_windows / self.batch_size
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of `batch_size` rows that one optimizer step consumes over all ranks."""
+        return self.grad_accum * self.shard.world_size
+
     def epochs_done(self, position: DataPosition) -> float:
         return position.epoch + position.index / self.num_windows
 
-    def next_batch(self, position: DataPosition) -> tuple[Batch, DataPosition]:
+    def step_windows(self, position: DataPosition) -> tuple[list[int], DataPosition]:
+        """The window indices of the global batch of the step starting at `position`, and the next one."""
         indices: list[int] = []
+        wanted = self.batch_size * self.micro_batches_per_step
         epoch, index = position.epoch, position.index
-        while len(indices) < self.batch_size:
+        while len(indices) < wanted:
             order = self.epoch_order(epoch)
-            take = order[index : index + self.batch_size - len(indices)]
+            take = order[index : index + wanted - len(indices)]
             indices.extend(int(i) for i in take)
             index += len(take)
             if index >= self.num_windows:
                 epoch, index = epoch + 1, 0
-        return self.shards.batch(indices, self.context_length), DataPosition(epoch, index)
+        return indices, DataPosition(epoch, index)
+
+    def next_step(self, position: DataPosition) -> tuple[list[Batch], DataPosition]:
+        """This rank's `grad_accum` micro-batches of the step starting at `position`, and the next position."""
+        indices, after = self.step_windows(position)
+        mine = self.shard.slice_of(indices, self.batch_size * self.grad_accum)
+        size = self.batch_size
+        micro = [
+            self.shards.batch(mine[i : i + size], self.context_length) for i in range(0, len(mine), size)
+        ]
+        return micro, after
 
 
 class PretrainValidation:
     """Validation windows in file order; bytes per token from the split's meta data."""
 
-    def __init__(self, splits: list[TokenShards], context_length: int, batch_size: int):
-        self.splits, self.context_length, self.batch_size = splits, context_length, batch_size
+    def __init__(
+        self,
+        splits: list[TokenShards],
+        context_length: int,
+        batch_size: int,
+        shard: DataShard = DataShard(),
+    ):
+        self.splits, self.context_length, self.batch_size, self.shard = (
+            splits,
+            context_length,
+            batch_size,
+            shard,
+        )
         tokens = sum(s.num_tokens for s in splits)
         self.bytes_per_token = sum(s.num_bytes for s in splits) / max(tokens, 1)
         if sum(s.num_windows(context_length) for s in splits) == 0:
@@ -190,14 +270,17 @@ class PretrainValidation:
             )
 
     def batches(self, max_batches: int | None) -> Iterator[tuple[Batch, float]]:
+        """This rank's share of the first `max_batches` validation batches, with their byte counts."""
         produced = 0
         for shards in self.splits:
             count = shards.num_windows(self.context_length)
             for start in range(0, count, self.batch_size):
                 if max_batches is not None and produced >= max_batches:
                     return
-                batch = shards.batch(range(start, min(start + self.batch_size, count)), self.context_length)
                 produced += 1
+                if not self.shard.owns(produced - 1):
+                    continue
+                batch = shards.batch(range(start, min(start + self.batch_size, count)), self.context_length)
                 yield batch, batch["labels"].numel() * self.bytes_per_token
 
 
@@ -249,12 +332,25 @@ def _supervised_bytes(tokenizer: FucinaTokenizer, labels: list[int]) -> int:
 
 
 class SFTBatches:
-    """Training batches of conversations, length-grouped, in a (seed, epoch)-determined order."""
+    """Training steps of conversations, length-grouped, in a (seed, epoch)-determined order, by rank.
 
-    def __init__(self, dataset, batch_size: int, seed: int, pad_id: int):
+    The unit of the order is a sampler batch of `batch_size` conversations (grouped by length, so the
+    last of an epoch may be smaller); a step takes `grad_accum x world_size` consecutive ones.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        grad_accum: int = 1,
+        shard: DataShard = DataShard(),
+    ):
         from fucina.data.sft import LengthGroupedSampler
 
         self.dataset, self.batch_size, self.pad_id = dataset, batch_size, pad_id
+        self.grad_accum, self.shard = grad_accum, shard
         if len(dataset) == 0:
             raise DataError("no training conversation has a supervised token (all too long or empty?)")
         self.sampler = LengthGroupedSampler(dataset.lengths, batch_size, seed)
@@ -272,39 +368,61 @@ class SFTBatches:
     def batches_per_epoch(self) -> float:
         return float(len(self.epoch_order(0)))
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Sampler batches that one optimizer step consumes over all ranks."""
+        return self.grad_accum * self.shard.world_size
+
     def epochs_done(self, position: DataPosition) -> float:
         return position.epoch + position.index / len(self.epoch_order(position.epoch))
 
-    def next_batch(self, position: DataPosition) -> tuple[Batch, DataPosition]:
+    def step_groups(self, position: DataPosition) -> tuple[list[list[int]], DataPosition]:
+        """The conversation indices of each micro-batch of the global step at `position`, and the next one."""
+        groups: list[list[int]] = []
+        epoch, index = position.epoch, position.index
+        for _ in range(self.micro_batches_per_step):
+            batches = self.epoch_order(epoch)
+            groups.append(batches[index])
+            index += 1
+            if index >= len(batches):
+                epoch, index = epoch + 1, 0
+        return groups, DataPosition(epoch, index)
+
+    def next_step(self, position: DataPosition) -> tuple[list[Batch], DataPosition]:
+        """This rank's `grad_accum` micro-batches of the step starting at `position`, and the next position."""
         from fucina.data.sft import collate_batch
 
-        batches = self.epoch_order(position.epoch)
-        indices = batches[position.index]
-        index = position.index + 1
-        next_position = (
-            DataPosition(position.epoch + 1, 0)
-            if index >= len(batches)
-            else DataPosition(position.epoch, index)
-        )
-        return collate_batch([self.dataset[i] for i in indices], self.pad_id), next_position
+        groups, after = self.step_groups(position)
+        mine = self.shard.slice_of(groups, self.grad_accum)
+        return [collate_batch([self.dataset[i] for i in group], self.pad_id) for group in mine], after
 
 
 class SFTValidation:
     """Validation conversations, shortest first (less padding); bytes = supervised text."""
 
-    def __init__(self, dataset, tokenizer: FucinaTokenizer, batch_size: int, pad_id: int):
-        self.dataset, self.batch_size, self.pad_id = dataset, batch_size, pad_id
+    def __init__(
+        self,
+        dataset,
+        tokenizer: FucinaTokenizer,
+        batch_size: int,
+        pad_id: int,
+        shard: DataShard = DataShard(),
+    ):
+        self.dataset, self.batch_size, self.pad_id, self.shard = dataset, batch_size, pad_id, shard
         if len(dataset) == 0:
             raise DataError("no validation conversation has a supervised token")
         self.order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
         self.bytes = [_supervised_bytes(tokenizer, dataset[i]["labels"]) for i in range(len(dataset))]
 
     def batches(self, max_batches: int | None) -> Iterator[tuple[Batch, float]]:
+        """This rank's share of the first `max_batches` validation batches, with their byte counts."""
         from fucina.data.sft import collate_batch
 
         for number, start in enumerate(range(0, len(self.order), self.batch_size)):
             if max_batches is not None and number >= max_batches:
                 return
+            if not self.shard.owns(number):
+                continue
             indices = self.order[start : start + self.batch_size]
             yield (
                 collate_batch([self.dataset[i] for i in indices], self.pad_id),
@@ -317,61 +435,76 @@ class SFTValidation:
 
 @dataclass
 class StageData:
-    """What the loop consumes: reproducible training batches and validation batches with byte counts."""
+    """What the loop consumes: reproducible training steps and validation batches with byte counts."""
 
     train: PretrainBatches | SFTBatches
     val: PretrainValidation | SFTValidation
     summary: str
 
 
-def prepare_stage_data(
-    config: TrainConfig, run_dir: Path, tokenizer: FucinaTokenizer, context_length: int
+def build_pretrain_data(
+    config: TrainConfig,
+    run_dir: Path,
+    tokenizer: FucinaTokenizer,
+    context_length: int,
+    shard: DataShard = DataShard(),
 ) -> StageData:
-    """Read, tokenize and split the stage's data (packing pretraining text into <run>/data once)."""
+    """Pretraining windows: text packed into <run>/data once (and data.val into <run>/data-val)."""
     eval_batch = config.eval.batch_size or config.train.batch_size
-    if config.stage == "pretrain":
-        train_dir = _packed(
-            read_texts(config.data.train, "pretrain", config),
+    train_dir = _packed(
+        read_texts(config.data.train, "prose", config),
+        tokenizer,
+        run_dir / PACKED_DIR,
+        config,
+        config.data.val_fraction,
+        config.data.min_val_docs,
+    )
+    train = TokenShards(train_dir, "train", tokenizer)
+    if config.data.val:
+        val_dir = _packed(
+            read_texts(config.data.val, "prose", config),
             tokenizer,
-            run_dir / PACKED_DIR,
+            run_dir / PACKED_VAL_DIR,
             config,
-            config.data.val_fraction,
-            config.data.min_val_docs,
+            0.0,
+            0,
         )
-        train = TokenShards(train_dir, "train", tokenizer)
-        if config.data.val:
-            val_dir = _packed(
-                read_texts(config.data.val, "pretrain", config),
-                tokenizer,
-                run_dir / PACKED_VAL_DIR,
-                config,
-                0.0,
-                0,
-            )
-            val_splits = [TokenShards(val_dir, "train", tokenizer), TokenShards(val_dir, "val", tokenizer)]
-        else:
-            val_splits = [TokenShards(train_dir, "val", tokenizer)]
-        batches = PretrainBatches(train, context_length, config.train.batch_size, config.train.seed)
-        val = PretrainValidation(val_splits, context_length, eval_batch)
-        summary = (
-            f"{train.num_tokens:,} training tokens ({batches.num_windows:,} windows of {context_length}), "
-            f"{sum(s.num_tokens for s in val_splits):,} validation tokens"
-        )
-        return StageData(batches, val, summary)
+        val_splits = [TokenShards(val_dir, "train", tokenizer), TokenShards(val_dir, "val", tokenizer)]
+    else:
+        val_splits = [TokenShards(train_dir, "val", tokenizer)]
+    batches = PretrainBatches(
+        train, context_length, config.train.batch_size, config.train.seed, config.train.grad_accum, shard
+    )
+    val = PretrainValidation(val_splits, context_length, eval_batch, shard)
+    summary = (
+        f"{train.num_tokens:,} training tokens ({batches.num_windows:,} windows of {context_length}), "
+        f"{sum(s.num_tokens for s in val_splits):,} validation tokens"
+    )
+    return StageData(batches, val, summary)
 
+
+def build_sft_data(
+    config: TrainConfig,
+    run_dir: Path,
+    tokenizer: FucinaTokenizer,
+    context_length: int,
+    shard: DataShard = DataShard(),
+) -> StageData:
+    """Chat fine-tuning: conversations tokenized with the template, assistant tokens supervised."""
     from fucina.data.sft import SFTDataset
 
+    eval_batch = config.eval.batch_size or config.train.batch_size
     if tokenizer.pad_id is None:
         raise TokenizerError(f"the {tokenizer.template.name!r} tokenizer has no pad token, needed for SFT")
     stats = ReadStats()
     conversations = list(
         islice(
-            read_records(config.data.train, "sft", config, "conversation", stats), config.data.max_documents
+            read_records(config.data.train, "chat", config, "conversation", stats), config.data.max_documents
         )
     )
     if config.data.val:
         train_convs = conversations
-        val_convs = list(read_records(config.data.val, "sft", config, "conversation", stats))
+        val_convs = list(read_records(config.data.val, "chat", config, "conversation", stats))
     else:
         train_convs, val_convs = _split_conversations(conversations, config)
     train_set = SFTDataset(train_convs, tokenizer, context_length, train_on=config.data.train_on)
@@ -384,8 +517,15 @@ def prepare_stage_data(
                 name,
                 context_length,
             )
-    batches = SFTBatches(train_set, config.train.batch_size, config.train.seed, tokenizer.pad_id)
-    val = SFTValidation(val_set, tokenizer, eval_batch, tokenizer.pad_id)
+    batches = SFTBatches(
+        train_set,
+        config.train.batch_size,
+        config.train.seed,
+        tokenizer.pad_id,
+        config.train.grad_accum,
+        shard,
+    )
+    val = SFTValidation(val_set, tokenizer, eval_batch, tokenizer.pad_id, shard)
     summary = (
         f"{len(train_set):,} training conversations ({sum(train_set.lengths):,} tokens), "
         f"{len(val_set):,} validation conversations"
@@ -393,6 +533,6 @@ def prepare_stage_data(
     return StageData(batches, val, summary)
 
 
-def epochs_to_steps(epochs: float, batches_per_epoch: float, grad_accum: int) -> int:
+def epochs_to_steps(epochs: float, batches_per_epoch: float, micro_batches_per_step: int) -> int:
     """Optimizer steps that cover `epochs` passes over the training data (at least 1)."""
-    return max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
+    return max(1, math.ceil(epochs * batches_per_epoch / micro_batches_per_step))

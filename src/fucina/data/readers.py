@@ -284,6 +284,19 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, dict]]:
     return ((line, _parse_json_object(raw, path, line)) for line, raw in _non_blank_lines(path))
 
 
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line, raw bytes) of each non-blank line of a JSONL file (.xz/.gz too), lazily.
+
+    For readers that must go on past a bad record: parse each line with `parse_json_line`.
+    """
+    return _non_blank_lines(Path(path))
+
+
+def parse_json_line(raw: bytes, path: str | Path, line: int) -> dict:
+    """One JSONL line as a JSON object; DataError (path, line) for invalid UTF-8, bad JSON or a non-object."""
+    return _parse_json_object(raw, path, line)
+
+
 def _jsonl_text(raw: bytes, path: str | Path, line: int) -> str:
     return record_text(_parse_json_object(raw, path, line), path, line)
 

@@ -1,6 +1,9 @@
-"""Held-out documents kept out of training: `data.exclude` names split lists like shared/data/splits.json.
+"""Data sources as a config names them, and the held-out documents kept out of training.
 
 Design choices:
+- A source is a file or directory path, `builtin` (the packaged corpus of the stage: prose or chats),
+  `builtin:prose`, `builtin:chat`, or `hf:NAME[:SPLIT]`; only paths are resolved against a config file.
+- `data.exclude` names held-out split lists like shared/data/splits.json.
 - Evaluation reports bits per byte on fixed held-out documents (8 ELTeC novels, 1,000 Wikipedia passages,
   the XPersona-it test file); a model or tokenizer that saw them would report a flattering number. So a
   config lists the split files (`data.exclude: [../../shared/data/splits.json]`) and every reader of the
@@ -9,28 +12,39 @@ Design choices:
   [ids]}` or `"test": "all"` (the whole file is held out). Records are matched on that field.
 - Only sources that name a listed file directly are filtered record by record; a directory source that
   contains a listed file is refused (name the files), so nothing held out slips in through a folder.
-- Filtered files are read here, line by line, with the readers' own record rules (`record_text`,
+- Filtered files are read line by line through the readers' own JSONL reading (`iter_json_lines`,
+  `parse_json_line`: decompression, UTF-8, file:line errors) and record rules (`record_text`,
   `record_conversation`), so a JSONL record means the same thing with or without exclusions.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
-import lzma
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import Any
 
-from fucina.data.readers import ReadStats, record_conversation, record_text
+from fucina.data.readers import (
+    HF_PREFIX,
+    ReadStats,
+    iter_json_lines,
+    parse_json_line,
+    record_conversation,
+    record_text,
+)
 from fucina.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+BUILTIN_SOURCE = "builtin"
+
+
+def is_path_source(source: str) -> bool:
+    """True for a data source that names a file (not `builtin`, not `hf:NAME`)."""
+    builtin = source == BUILTIN_SOURCE or source.startswith(f"{BUILTIN_SOURCE}:")
+    return not builtin and not source.startswith(HF_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -85,40 +99,6 @@ def check_sources(sources: list[str | Path], exclusions: dict[Path, HeldOut]) ->
                 )
 
 
-def _open_text(path: Path) -> IO[str]:
-    name = path.name.lower()
-    if name.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line, parsed JSON or DataError) of each non-blank line; errors of the whole file raise."""
-    if not path.is_file():
-        raise DataError("file not found", path)
-    line = 0
-    try:
-        with _open_text(path) as handle:
-            for line, raw in enumerate(handle, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    yield line, DataError(f"malformed JSON: {err.msg} (column {err.colno})", path, line)
-                    continue
-                if not isinstance(record, dict):
-                    yield line, DataError("expected a JSON object", path, line)
-                    continue
-                yield line, record
-    except UnicodeDecodeError as err:
-        raise DataError(f"invalid UTF-8 ({err.reason})", path, line + 1) from None
-    except (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as err:
-        raise DataError(f"compressed data is truncated or corrupt ({err})", path, line + 1) from None
-
-
 def iter_filtered(
     path: Path,
     held_out: HeldOut,
@@ -131,10 +111,9 @@ def iter_filtered(
         raise DataError("a file with held-out records must be JSONL (records are matched by id)", path)
     convert: Callable[[dict, Path, int], Any] = record_text if kind == "text" else record_conversation
     kept = excluded = 0
-    for line, record in _records(path):
+    for line, raw in iter_json_lines(path):
         try:
-            if isinstance(record, DataError):
-                raise record
+            record = parse_json_line(raw, path, line)
             if held_out.excludes(record):
                 excluded += 1
                 continue

@@ -10,7 +10,7 @@ Design choices:
   working directory); paths given with `--set` on the command line are relative to the working
   directory. `builtin`, `builtin:prose`, `builtin:chat` and `hf:NAME` are names, not paths.
 - Cross-field rules (warmup in steps XOR ratio, a step or epoch budget, ...) are checked in `validate`,
-  so a bad combination fails before any data is read.
+  so a bad combination fails before any data is read; `stage` must be a row of train/stages.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fucina.config import apply_overrides, from_dict, load_yaml, to_dict
+from fucina.data.sources import BUILTIN_SOURCE, is_path_source
 from fucina.errors import ConfigError
-
-BUILTIN_SOURCE = "builtin"
-HF_PREFIX = "hf:"
 
 
 @dataclass
@@ -128,7 +126,7 @@ class LogSection:
 class TrainConfig:
     """Everything one training stage needs; saved resolved as <run>/train_config.yaml."""
 
-    stage: Literal["pretrain", "sft"] = "pretrain"
+    stage: str = "pretrain"  # a row of the stage table (train/stages.py)
     init_from: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
@@ -142,6 +140,9 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check cross-field rules; raises ConfigError naming the key."""
+        from fucina.train.stages import get_stage  # the table's data builders read this config
+
+        get_stage(self.stage)
         _positive("train.batch_size", self.train.batch_size)
         _positive("train.grad_accum", self.train.grad_accum)
         if self.train.max_steps is None and self.train.epochs is None:
@@ -196,12 +197,6 @@ class TrainConfig:
 def _positive(key: str, value: int, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
-def is_path_source(source: str) -> bool:
-    """True for a data source that names a file (not `builtin`, not `hf:NAME`)."""
-    builtin = source == BUILTIN_SOURCE or source.startswith(f"{BUILTIN_SOURCE}:")
-    return not builtin and not source.startswith(HF_PREFIX)
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:

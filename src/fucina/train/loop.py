@@ -2,11 +2,15 @@
 
 What happens, in order: open the run directory (resume or start), seed everything, get the tokenizer
 (inherited, loaded or trained), build or load the model, prepare the stage's data, then step:
-`grad_accum` micro-batches -> masked LM loss -> backward -> clip -> AdamW; evaluate every
+`grad_accum` micro-batches -> the stage's objective -> backward -> clip -> AdamW; evaluate every
 `eval.every` steps (loss, perplexity, bits per byte; best/ kept; early stopping), checkpoint every
 `checkpoint.every` steps, and write final/ at the end.
 
 Design choices:
+- The stage (train/stages.py) supplies the data builder and the objective; the loop has no branch on
+  the stage's name. For the LM objective the loss is the model's fused LM-head cross-entropy.
+- One process for now: the data is built for rank 0 of 1 (data/loaders.py shards by rank already);
+  distributed training will set the shard and sum the step's supervised count over ranks.
 - Exact resume on CPU: the checkpoint holds the float32 weights, AdamW's state, every RNG (python,
   numpy, torch CPU and CUDA), the data position (epoch, index; the order itself is a pure function of
   (seed, epoch)), the step, the early-stopping state and the running metrics. The learning rate is a
@@ -40,13 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fucina.config import from_dict
-from fucina.data.loaders import (
-    DataPosition,
-    StageData,
-    epochs_to_steps,
-    prepare_stage_data,
-    prepare_tokenizer,
-)
+from fucina.data.loaders import DataPosition, DataShard, StageData, epochs_to_steps, prepare_tokenizer
 from fucina.errors import ConfigError, FucinaError, TokenizerError
 from fucina.model.config import ModelConfig
 from fucina.model.io import CONFIG_FILE as MODEL_CONFIG_FILE
@@ -59,10 +57,10 @@ from fucina.train.activation_checkpointing import apply_activation_checkpointing
 from fucina.train.checkpoint import replace_file_atomically, save_checkpoint
 from fucina.train.config import TrainConfig, scientific_floats
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
-from fucina.train.objectives import IGNORE_INDEX
 from fucina.train.optim import build_optimizer
 from fucina.train.run_dir import RunDirectory, RunDirectoryError, open_run_directory, publish_model_dir
 from fucina.train.schedules import LRSchedule, build_schedule
+from fucina.train.stages import get_stage
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +236,9 @@ class Trainer:
         inherited_model, inherited_tokenizer = None, None
         if config.init_from is not None:
             inherited_model, inherited_tokenizer = load_pretrained(config.init_from)
-        self.tokenizer = prepare_tokenizer(config, run.path, inherited_tokenizer)
+        self.stage = get_stage(config.stage)
+        self.objective = self.stage.objective()
+        self.tokenizer = prepare_tokenizer(config, run.path, inherited_tokenizer, self.stage.builtin_corpus)
         if inherited_model is not None:
             model = _model_with_overrides(inherited_model, config.model)
             _check_vocab(self.tokenizer, model.config, f"init_from {config.init_from}")
@@ -265,7 +265,9 @@ class Trainer:
             raise ConfigError(
                 f"data.context_length {self.context_length} exceeds the model's {model_context}"
             )
-        self.data: StageData = prepare_stage_data(config, run.path, self.tokenizer, self.context_length)
+        self.data: StageData = self.stage.build_data(
+            config, run.path, self.tokenizer, self.context_length, DataShard(rank=0, world_size=1)
+        )
         log.info("data: %s", self.data.summary)
 
         self.total_steps = self._total_steps()
@@ -297,7 +299,8 @@ class Trainer:
         if train.max_steps is not None:
             steps.append(train.max_steps)
         if train.epochs is not None:
-            steps.append(epochs_to_steps(train.epochs, self.data.train.batches_per_epoch, train.grad_accum))
+            data = self.data.train
+            steps.append(epochs_to_steps(train.epochs, data.batches_per_epoch, data.micro_batches_per_step))
         return min(steps)
 
     # --- state ---
@@ -352,32 +355,32 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self) -> tuple[float, int, int, float]:
-        """One optimizer step; returns (summed loss, supervised tokens, input tokens, grad norm)."""
+    def train_step(self) -> tuple[float, int, int, float, dict[str, float]]:
+        """One optimizer step; returns (summed loss, supervised tokens, input tokens, grad norm, the
+        objective's extra values summed over the step's micro-batches)."""
         config = self.config
         step = self.progress.step + 1
         lr = self.schedule.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = []
-        position = self.progress.position
-        for _ in range(config.train.grad_accum):
-            batch, position = self.data.train.next_batch(position)
-            micro_batches.append(batch)
-        supervised = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
+        micro_batches, position = self.data.train.next_step(self.progress.position)
+        # The step's normaliser, computed once (distributed training will sum it over ranks).
+        supervised = sum(self.objective.supervised_count(b) for b in micro_batches)
         loss_total, tokens = 0.0, 0
+        logs: dict[str, float] = {}
         for batch in micro_batches:
-            input_ids = batch["input_ids"].to(self.device, non_blocking=True)
-            labels = batch["labels"].to(self.device, non_blocking=True)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
-                loss_sum = self.forward(input_ids, labels=labels)  # fused LM head + cross-entropy
-            loss = loss_sum / max(supervised, 1)
+                output = self.objective(self.forward, batch)
+            loss = output.loss_sum / max(supervised, 1)
             aux = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
             if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
                 loss = loss + aux / config.train.grad_accum
             self.scaler.scale(loss).backward()
-            loss_total += float(loss_sum.detach())
-            tokens += input_ids.numel()
+            loss_total += float(output.loss_sum.detach())
+            for key, value in output.logs.items():
+                logs[key] = logs.get(key, 0.0) + value
+            tokens += batch["input_ids"].numel()
         if not math.isfinite(loss_total) and self.amp_dtype != torch.float16:
             raise TrainingDivergedError(
                 f"the loss became {loss_total} at step {step} (learning rate {lr:.3g} too high?); "
@@ -392,7 +395,7 @@ class Trainer:
         self.progress.step = step
         self.progress.position = position
         self.progress.tokens_seen += tokens
-        return loss_total, supervised, tokens, grad_norm
+        return loss_total, supervised, tokens, grad_norm, logs
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> EvalResult:
@@ -401,11 +404,11 @@ class Trainer:
         nats, count, num_bytes = 0.0, 0, 0.0
         try:
             for batch, batch_bytes in self.data.val.batches(max_batches or self.config.eval.max_batches):
-                labels = batch["labels"].to(self.device)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self._autocast():
-                    loss_sum = self.forward(batch["input_ids"].to(self.device), labels=labels)
-                nats += float(loss_sum)
-                count += int((labels != IGNORE_INDEX).sum())
+                    output = self.objective(self.forward, batch)
+                nats += float(output.loss_sum)
+                count += output.count
                 num_bytes += batch_bytes
         finally:
             self.model.train()
@@ -485,7 +488,7 @@ class Trainer:
             while p.step < self.total_steps and not p.stopped_early:
                 started = time.perf_counter()
                 aside = 0.0  # seconds of evaluation and checkpointing in this iteration
-                loss_sum, supervised, tokens, grad_norm = self.train_step()
+                loss_sum, supervised, tokens, grad_norm, objective_logs = self.train_step()
                 seconds = time.perf_counter() - started
                 p.train_seconds += seconds
                 p.window_loss_sum += loss_sum
@@ -510,6 +513,7 @@ class Trainer:
                             "tokens_per_s": speed,
                             "tokens_seen": p.tokens_seen,
                             "epoch": round(self.data.train.epochs_done(p.position), 4),
+                            **objective_logs,  # the last step's
                         },
                         collect_routing_statistics(self.model),
                     )
