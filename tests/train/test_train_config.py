@@ -8,6 +8,7 @@ import pytest
 
 from fucina.errors import ConfigError
 from fucina.train.config import TrainConfig, config_from_dict, load_train_config
+from train_helpers import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,3 +108,10 @@ def test_shipped_configs_document_every_key():
                 continue
             previous = lines[number - 1].strip() if number else ""
             assert "#" in line or previous.startswith("#"), f"{path.name}:{number + 1} undocumented: {line}"
+
+
+def test_a_model_section_gradient_checkpointing_becomes_the_training_option():
+    config = config_from_dict(tiny_config(None, model={"gradient_checkpointing": True}))
+    assert config.train.gradient_checkpointing is True
+    assert "gradient_checkpointing" not in config.model
+    assert config_from_dict(tiny_config(None)).train.gradient_checkpointing is False

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -27,6 +28,8 @@ from typing import Any, Literal
 from fucina.config import apply_overrides, from_dict, load_yaml, to_dict
 from fucina.data.sources import BUILTIN_SOURCE, is_path_source
 from fucina.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -254,13 +257,26 @@ def scientific_floats(data: Any, cls: type) -> Any:
 def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """A validated TrainConfig from a mapping plus `section.key=value` overrides."""
     data = _resolve_paths(apply_overrides(copy.deepcopy(data), overrides), Path.cwd())
-    data = scientific_floats(data, TrainConfig)
+    data = scientific_floats(_moved_model_switches(data), TrainConfig)
     for key in ("tokenizer.inputs", "data.train", "data.val", "data.exclude"):
         section, name = key.split(".")
         node = data.get(section)
         if isinstance(node, dict) and isinstance(node.get(name), str):
             node[name] = [node[name]]  # a single source is a one-element list
     return from_dict(TrainConfig, data).validate()
+
+
+def _moved_model_switches(data: dict[str, Any]) -> dict[str, Any]:
+    """A config written when `model.gradient_checkpointing` existed: the switch moves to `train`."""
+    model = data.get("model")
+    if not isinstance(model, dict) or "gradient_checkpointing" not in model:
+        return data
+    switch = model.pop("gradient_checkpointing")
+    train = data.setdefault("train", {})
+    if isinstance(train, dict):
+        train["gradient_checkpointing"] = bool(train.get("gradient_checkpointing")) or bool(switch)
+    log.warning("model.gradient_checkpointing is now train.gradient_checkpointing (a training option)")
+    return data
 
 
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
