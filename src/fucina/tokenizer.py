@@ -45,7 +45,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
@@ -54,6 +53,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from fucina.chat_template import CHAT_TEMPLATE_NAMES, ChatTemplate, get_chat_template
 from fucina.errors import ConfigError, TokenizerError
+from fucina.fsutil import write_atomically, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +191,8 @@ class FucinaTokenizer:
             "fucina_template": template.name,
             "fucina_pretokenizer": self.pretokenizer,
         }
-        _write_atomically(directory / TOKENIZER_FILE, self.backend.to_str(pretty=True))
-        _write_atomically(directory / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+        write_atomically(directory / TOKENIZER_FILE, self.backend.to_str(pretty=True))
+        write_json_atomically(directory / CONFIG_FILE, config)
 
     @classmethod
     def load(cls, path: str | Path) -> FucinaTokenizer:
@@ -216,12 +216,6 @@ class FucinaTokenizer:
             f"FucinaTokenizer(vocab_size={self.vocab_size}, template={self.template.name!r}, "
             f"pretokenizer={self.pretokenizer!r})"
         )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _read_config(path: Path) -> dict:

@@ -1,8 +1,9 @@
-"""Post-training weight quantization (int8 per channel, int4 per group) with real low-bit CPU kernels.
+"""Compression after training: int8/int4 weight quantization with real low-bit CPU kernels, ternary export.
 
-layers.py holds the quantized linear layers and their kernels; model_dir.py quantizes a model and saves
-or loads a quantized model directory (a model directory with a `fucina_quantization` marker in
-config.json, which `fucina generate` / `fucina chat` load through fucina.model_dir).
+quantized_layers.py holds the quantized linear layers and their kernels; quantize.py quantizes a model
+and saves or loads a quantized model directory (a model directory with a `fucina_quantization` marker in
+config.json), a kind it registers with fucina.model_dir so `fucina generate` / `fucina chat` load it;
+ternary.py packs a BitNet model's weights into 2-bit codes.
 """
 
 from fucina.compress.quantize import (

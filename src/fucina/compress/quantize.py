@@ -14,13 +14,14 @@ Design choices, and why:
   kept in float.
 - `load_quantized` rebuilds the fucina Transformer, swaps in the quantized layers and loads the
   state dict strictly (every name and shape checked), so generation code sees an ordinary model.
+- This module registers the kind "quantized" with fucina.model_dir (the last line), so
+  `load_pretrained` loads such a directory without importing this module itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,16 +33,27 @@ from torch import nn
 
 from fucina.compress.quantized_layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from fucina.errors import CheckpointError, ConfigError
+from fucina.fsutil import atomic_path, staged_output, write_atomically, write_json_atomically
 from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.config import ModelConfig
-from fucina.model.io import CONFIG_FILE, MODEL_VERSION, WEIGHTS_FILE
+from fucina.model.io import MODEL_VERSION, load_model
 from fucina.model.transformer import Transformer
+from fucina.model_dir import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_FILES,
+    TRAINING_INFO_FILE,
+    WEIGHTS_FILE,
+    register_loader,
+    resolve_model_dir,
+)
 
 log = logging.getLogger(__name__)
 
+QUANTIZED_KIND = "quantized"
 QUANTIZATION_KEY = "fucina_quantization"
 MANIFEST_FILE = "scales.json"
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "training.json")
+COPIED_FILES = (*TOKENIZER_FILES, TRAINING_INFO_FILE)
 BITS = (8, 4)
 DEFAULT_GROUP_SIZE = 32
 
@@ -177,7 +189,8 @@ def save_quantized(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_tensors_to_save(model), directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(_tensors_to_save(model), tmp, metadata={"format": "pt"})
     config = {
         "fucina_model_version": MODEL_VERSION,
         **model.config.to_dict(),
@@ -188,13 +201,14 @@ def save_quantized(
             "layers": spec.layers,
         },
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    manifest = _manifest(model, spec, originals or {})
-    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json_atomically(directory / CONFIG_FILE, config, ensure_ascii=True)
+    write_json_atomically(
+        directory / MANIFEST_FILE, _manifest(model, spec, originals or {}), ensure_ascii=True
+    )
     if source_dir is not None:
         for name in COPIED_FILES:
             if (Path(source_dir) / name).is_file():
-                shutil.copy2(Path(source_dir) / name, directory / name)
+                write_atomically(directory / name, (Path(source_dir) / name).read_bytes())
 
 
 def is_quantized_dir(path: str | Path) -> bool:
@@ -276,16 +290,12 @@ def quantize_model_dir(
     path: str | Path, out: str | Path, bits: int, group_size: int | None = None, overwrite: bool = False
 ) -> QuantizeResult:
     """Quantize the model of a model or run directory into the quantized model directory `out`."""
-    from fucina.fsutil import staged_output
-    from fucina.model.io import load_model
-    from fucina.model_dir import resolve_model_dir
-
     source_dir = resolve_model_dir(path)
     if is_quantized_dir(source_dir):
         raise ConfigError(f"{source_dir} is already quantized; quantize the full-precision model")
-    if not (source_dir / "tokenizer.json").is_file():
+    if not (source_dir / TOKENIZER_FILE).is_file():
         raise CheckpointError(
-            f"{source_dir} has no tokenizer.json: a quantized model directory needs the model's tokenizer "
+            f"{source_dir} has no {TOKENIZER_FILE}: a quantized model directory needs the model's tokenizer "
             "to be used by generate and chat"
         )
     QuantizationSpec(bits, group_size)  # validate before the (slow) load
@@ -301,3 +311,6 @@ def quantize_model_dir(
         source_bytes=(source_dir / WEIGHTS_FILE).stat().st_size,
         quantized_bytes=(out / WEIGHTS_FILE).stat().st_size,
     )
+
+
+register_loader(QUANTIZED_KIND, is_quantized_dir, load_quantized)

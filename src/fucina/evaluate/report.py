@@ -11,15 +11,15 @@ Design choices, and why:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fucina.fsutil import write_json_atomically
 
 Z_95 = 1.959963984540054
 
@@ -103,6 +103,4 @@ def write_json(data: dict[str, Any], path: str | Path) -> None:
     """Write `data` as indented UTF-8 JSON, atomically (a crash never leaves half a results file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json_atomically(path, data)

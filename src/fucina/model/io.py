@@ -6,8 +6,8 @@ Design choices:
 - config.json is the flat ModelConfig plus "fucina_model_version"; unknown keys are rejected by name.
 - A tied LM head is stored once (as `token_embedding.weight`); loading re-ties it.
 - Weights are saved in the model's own dtype (float32 for training checkpoints).
-- Every file is written to a temporary name in the same directory, fsynced and moved into place with
-  os.replace, so a crash never leaves a half-written model behind the final name.
+- Every file is written through fucina.fsutil (temporary name, fsync, os.replace), so a crash never
+  leaves a half-written model behind the final name.
 - Anything wrong on load (missing directory or file, truncated or corrupt safetensors, a config that
   does not match the weights) raises CheckpointError naming the path.
 """
@@ -15,7 +15,6 @@ Design choices:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fucina.errors import CheckpointError, ConfigError
+from fucina.fsutil import atomic_path, write_json_atomically
 from fucina.model.config import ModelConfig
 from fucina.model.transformer import Transformer
 
@@ -30,23 +30,6 @@ MODEL_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TIED_HEAD = "lm_head.weight"
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, and move it to `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_model(model: Transformer, directory: str | Path) -> None:
@@ -59,11 +42,9 @@ def save_model(model: Transformer, directory: str | Path) -> None:
         if not (model.config.tie_embeddings and name == TIED_HEAD)
     }
     config = {"fucina_model_version": MODEL_VERSION, **model.config.to_dict()}
-    _write_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _write_atomically(
-        directory / CONFIG_FILE,
-        lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8"),
-    )
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, tmp, metadata={"format": "pt"})
+    write_json_atomically(directory / CONFIG_FILE, config, ensure_ascii=True)
 
 
 def read_json_object(path: Path, hint: str) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 from fucina.data.readers import iter_texts
 from fucina.errors import DataError
 from fucina.evaluate.heldout import heldout_texts, resolve_data_dir, training_texts
+from fucina.fsutil import atomic_path, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +75,11 @@ def _take(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
 def write_jsonl_texts(texts: Iterable[str], path: Path) -> int:
     """Write `{"text": ...}` lines atomically; returns the characters written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
     chars = 0
-    with open(temporary, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         for text in texts:
             handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
             chars += len(text)
-    temporary.replace(path)
     return chars
 
 
@@ -135,7 +134,7 @@ def write_study_corpus(
     files.train_chars = write_jsonl_texts(train, files.train)
     files.val_chars = write_jsonl_texts(val, files.val)
     info = {"source": files.source, "train_chars": files.train_chars, "val_chars": files.val_chars}
-    (out_dir / "info.json").write_text(json.dumps(info) + "\n", encoding="utf-8")
+    write_json_atomically(out_dir / "info.json", info, indent=None)
     logger.info(
         "study corpus (%s): %d training and %d validation characters in %s",
         files.source,
