@@ -18,15 +18,15 @@ Design choices, and why:
   loads through AutoModelForCausalLM (pipelines, chat UIs) with `trust_remote_code=True`.
   Anything else (LayerNorm with RoPE, a gated MLP with learned positions, MoE, state-space layers, ...)
   is refused with the reason.
-- Weights are renamed and split from fucina's fused layouts (q|k|v rows of `qkv_proj`, gate|up rows of
-  `gate_up_proj`; GPT-2's Conv1D wants them transposed), loaded into the real transformers class with
-  every name checked, and written by the library's own `save_pretrained`: config.json and
-  model.safetensors are exactly what transformers writes. A GPT-2 layout without biases gets zero
-  biases (GPT-2's Conv1D always has them), which changes no output.
+- Weights are renamed and split from fucina's fused layouts by hf_mapping.py's table of the class (the
+  one import reads too), loaded into the real transformers class with every name checked, and written
+  by the library's own `save_pretrained`: config.json and model.safetensors are exactly what
+  transformers writes. A GPT-2 layout without biases gets zero biases (GPT-2's Conv1D always has them),
+  which changes no output.
 - The tokenizer is fucina's own tokenizer.json (it loads in PreTrainedTokenizerFast with identical ids)
   and tokenizer_config.json with the Jinja chat template, the special tokens and their ids
   (`added_tokens_decoder`); generation_config.json stops on every stop token of the chat template.
-- The output directory is written aside and renamed into place (output.py); README.md is the model card.
+- The output directory is written aside and renamed into place (fucina.fsutil); README.md is the model card.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import torch
 
 from fucina.fsutil import staged_output
 from fucina.interop.architecture import describe, unsupported_parts
+from fucina.interop.hf_mapping import GPT2, LLAMA, MAPPINGS, Mapping
 from fucina.interop.model_card import write_model_card
 from fucina.interop.source import ExportError, ExportSource
 from fucina.model.config import ModelConfig
@@ -124,7 +125,8 @@ def export_hf(
     """
     config = source.model.config
     architecture = hf_architecture(config, picodac_class)
-    hf_config, weights = _CONVERTERS[architecture](config, _float_state(source.model), source)
+    hf_config = _CONFIGS[architecture](config, source)
+    weights = MAPPINGS[architecture].to_hf(_float_state(source.model), config)
     model = _build_hf_model(architecture, hf_config)
     _load_weights(model, weights, config.tie_embeddings and architecture != IMAGEGPT_ARCHITECTURE)
     model.generation_config = _generation_config(source)
@@ -144,7 +146,7 @@ def export_hf(
     return HFExport(path, architecture, architecture == REMOTE_CODE_ARCHITECTURE, parameters)
 
 
-# --- configuration and weights per architecture -----------------------------------------------------------
+# --- configuration per architecture (the weights follow hf_mapping's tables) ------------------------------
 
 
 def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -156,209 +158,107 @@ def _special_ids(source: ExportSource) -> dict[str, Any]:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
+def _sizes(mapping: Mapping, config: ModelConfig) -> dict[str, Any]:
+    """The config.json size fields of `mapping`'s architecture, from a fucina config."""
+    return {field.hf: field.value(config) for field in mapping.config_fields}
+
+
 def _gpt2_block_fields(config: ModelConfig) -> dict:
     """The GPT-2-family config fields (shared by GPT2Config and ImageGPTConfig) of a fucina config."""
-    return dict(
-        n_positions=config.context_length,
-        n_embd=config.d_model,
-        n_layer=config.n_layers,
-        n_head=config.n_heads,
-        n_inner=config.ff_size,
-        activation_function=GPT2_ACTIVATIONS[config.mlp],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        layer_norm_epsilon=config.norm_eps,
+    return _sizes(GPT2, config) | dict(
+        activation_function=GPT2_ACTIVATIONS[config.mlp], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
     )
 
 
-def _gpt2(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+def _gpt2(config: ModelConfig, source: ExportSource):
     from transformers import GPT2Config
 
-    hf_config = GPT2Config(
+    return GPT2Config(
         vocab_size=config.vocab_size,
         **_gpt2_block_fields(config),
         tie_word_embeddings=config.tie_embeddings,
         **_special_ids(source),
     )
 
-    def bias(name: str, size: int) -> torch.Tensor:
-        return state.get(name, torch.zeros(size))  # a GPT-2 Conv1D always has a bias: zero changes nothing
-
-    weights = {"transformer.wte.weight": state["token_embedding.weight"]}
-    weights["transformer.wpe.weight"] = state["position_embedding.weight"]
-    d, ff = config.d_model, config.ff_size
-    for i in range(config.n_layers):
-        ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-        weights |= {
-            theirs + "ln_1.weight": state[ours + "mixer_norm.weight"],
-            theirs + "ln_1.bias": state[ours + "mixer_norm.bias"],
-            theirs + "attn.c_attn.weight": state[ours + "mixer.qkv_proj.weight"].t(),  # Conv1D: (in, out)
-            theirs + "attn.c_attn.bias": bias(ours + "mixer.qkv_proj.bias", 3 * d),
-            theirs + "attn.c_proj.weight": state[ours + "mixer.out_proj.weight"].t(),
-            theirs + "attn.c_proj.bias": bias(ours + "mixer.out_proj.bias", d),
-            theirs + "ln_2.weight": state[ours + "ffn_norm.weight"],
-            theirs + "ln_2.bias": state[ours + "ffn_norm.bias"],
-            theirs + "mlp.c_fc.weight": state[ours + "ffn.up_proj.weight"].t(),
-            theirs + "mlp.c_fc.bias": bias(ours + "ffn.up_proj.bias", ff),
-            theirs + "mlp.c_proj.weight": state[ours + "ffn.down_proj.weight"].t(),
-            theirs + "mlp.c_proj.bias": bias(ours + "ffn.down_proj.bias", d),
-        }
-    weights["transformer.ln_f.weight"] = state["final_norm.weight"]
-    weights["transformer.ln_f.bias"] = state["final_norm.bias"]
-    if not config.tie_embeddings:
-        weights["lm_head.weight"] = state["lm_head.weight"]
-    return hf_config, weights
-
 
 def _llama_like_config(config: ModelConfig, source: ExportSource) -> dict[str, Any]:
-    return dict(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.ff_size,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.kv_heads,
-        head_dim=config.head_size,
-        max_position_embeddings=config.context_length,
-        rms_norm_eps=config.norm_eps,
-        tie_word_embeddings=config.tie_embeddings,
-        attention_dropout=0.0,
-        **_special_ids(source),
+    return _sizes(LLAMA, config) | dict(
+        tie_word_embeddings=config.tie_embeddings, attention_dropout=0.0, **_special_ids(source)
     )
 
 
-def _llama_like_weights(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LLaMA names for the embeddings, attention, norms and head (the MLP is added by the caller)."""
-    q_size, kv_size = config.n_heads * config.head_size, config.kv_heads * config.head_size
-    weights = {"model.embed_tokens.weight": state["token_embedding.weight"]}
-    for i in range(config.n_layers):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        weights[theirs + "input_layernorm.weight"] = state[ours + "mixer_norm.weight"]
-        weights[theirs + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
-        for kind in ("weight", "bias"):
-            fused = state.get(f"{ours}mixer.qkv_proj.{kind}")
-            if fused is None:
-                continue
-            q, k, v = fused.split([q_size, kv_size, kv_size])
-            weights |= {
-                f"{theirs}self_attn.q_proj.{kind}": q,
-                f"{theirs}self_attn.k_proj.{kind}": k,
-                f"{theirs}self_attn.v_proj.{kind}": v,
-                f"{theirs}self_attn.o_proj.{kind}": state[f"{ours}mixer.out_proj.{kind}"],
-                f"{theirs}mlp.down_proj.{kind}": state[f"{ours}ffn.down_proj.{kind}"],
-            }
-    weights["model.norm.weight"] = state["final_norm.weight"]
-    if not config.tie_embeddings:
-        weights["lm_head.weight"] = state["lm_head.weight"]
-    return weights
+def _rope(config: ModelConfig) -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": config.rope_base}
 
 
-def _swiglu_weights(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    weights = _llama_like_weights(config, state)
-    for i in range(config.n_layers):
-        for kind in ("weight", "bias"):
-            fused = state.get(f"blocks.{i}.ffn.gate_up_proj.{kind}")
-            if fused is not None:
-                gate, up = fused.chunk(2)
-                weights[f"model.layers.{i}.mlp.gate_proj.{kind}"] = gate
-                weights[f"model.layers.{i}.mlp.up_proj.{kind}"] = up
-    return weights
-
-
-def _llama(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+def _llama(config: ModelConfig, source: ExportSource):
     from transformers import LlamaConfig
 
-    hf_config = _make_config(
+    return _make_config(
         LlamaConfig,
         **_llama_like_config(config, source),
         hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_base},
+        rope_parameters=_rope(config),
         attention_bias=config.bias,
         mlp_bias=config.bias,
     )
-    return hf_config, _swiglu_weights(config, state)
 
 
-def _mistral(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+def _mistral(config: ModelConfig, source: ExportSource):
     from transformers import MistralConfig
 
-    hf_config = _make_config(
+    return _make_config(
         MistralConfig,
         **_llama_like_config(config, source),
         hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_base},
+        rope_parameters=_rope(config),
         sliding_window=config.sliding_window,
     )
-    return hf_config, _swiglu_weights(config, state)
 
 
-def _ministral(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+def _ministral(config: ModelConfig, source: ExportSource):
     from transformers import MinistralConfig
 
     layer_types = [
         "sliding_attention" if config.window(i) is not None else "full_attention"
         for i in range(config.n_layers)
     ]
-    hf_config = _make_config(
+    return _make_config(
         MinistralConfig,
         **_llama_like_config(config, source),
         hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_base},
+        rope_parameters=_rope(config),
         sliding_window=config.sliding_window,
         layer_types=layer_types,
     )
-    return hf_config, _swiglu_weights(config, state)
 
 
-def _picodac(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+def _picodac(config: ModelConfig, source: ExportSource):
     from fucina.interop.hf_remote.configuration_fucina_picodac import FucinaPicoDACConfig
 
-    hf_config = _make_config(
+    return _make_config(
         FucinaPicoDACConfig,
         **_llama_like_config(config, source),
         hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}[config.mlp],
         attention_bias=config.bias,
         mlp_bias=config.bias,
     )
-    weights = _llama_like_weights(config, state)
-    weights["model.embed_positions.weight"] = state["position_embedding.weight"]
-    for i in range(config.n_layers):
-        for kind in ("weight", "bias"):
-            up = state.get(f"blocks.{i}.ffn.up_proj.{kind}")
-            if up is not None:
-                weights[f"model.layers.{i}.mlp.up_proj.{kind}"] = up
-    return hf_config, weights
 
 
-def _imagegpt(config: ModelConfig, state: dict[str, torch.Tensor], source: ExportSource):
+def _imagegpt(config: ModelConfig, source: ExportSource):
     from transformers import ImageGPTConfig
 
-    hf_config = _make_config(
+    return _make_config(
         ImageGPTConfig,
         vocab_size=config.vocab_size + 1,  # ImageGPT's head has vocab_size - 1 rows: see the module docstring
         **_gpt2_block_fields(config),
         tie_word_embeddings=False,
         **_special_ids(source),
     )
-    # GPT-2's names and Conv1D layout; the RMS norms have no bias, so drop GPT-2's norm biases.
-    _, weights = _gpt2(config, state | _zero_norm_biases(config, state), source)
-    weights = {name: w for name, w in weights.items() if not (name.endswith(".bias") and ".ln_" in name)}
-    embedding = state["token_embedding.weight"]
-    weights["transformer.wte.weight"] = torch.cat((embedding, embedding.new_zeros(1, config.d_model)))
-    weights["lm_head.weight"] = state["token_embedding.weight" if config.tie_embeddings else "lm_head.weight"]
-    return hf_config, weights
 
 
-def _zero_norm_biases(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Placeholder norm biases so _gpt2's mapping can be reused for RMS-normed models (removed after)."""
-    names = ["final_norm.bias"] + [
-        f"blocks.{i}.{norm}.bias" for i in range(config.n_layers) for norm in ("mixer_norm", "ffn_norm")
-    ]
-    return {name: torch.zeros(config.d_model) for name in names if name not in state}
-
-
-_CONVERTERS: dict[str, Callable] = {
+# transformers class -> the function building its config
+_CONFIGS: dict[str, Callable] = {
     "GPT2LMHeadModel": _gpt2,
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _mistral,

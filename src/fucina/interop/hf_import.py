@@ -4,12 +4,11 @@ Design choices:
 - The HF model class is never instantiated: `config.json` is mapped onto a ModelConfig and the tensors
   are read straight from `model.safetensors` (single or sharded through its `.index.json`), or from
   `pytorch_model.bin` with `torch.load(weights_only=True)`, which unpickles tensors only, never code.
-- Names map one to one (GPT-2: wte -> token_embedding, h.i.ln_1 -> blocks.i.mixer_norm, attn.c_attn ->
-  mixer.qkv_proj, ...; LLaMA: embed_tokens -> token_embedding, input_layernorm -> mixer_norm, ...).
-  GPT-2's Conv1D stores (in, out) matrices: they are transposed. LLaMA's q/k/v_proj are concatenated into
-  `qkv_proj` and gate/up_proj into `gate_up_proj`. Both use the "rotate_half" RoPE layout fucina uses,
-  so no rows are permuted. Every tensor of the checkpoint must be used (bar known buffers such as
-  GPT-2's causal-mask `attn.bias`), and every fucina weight must be found: a mismatch is an error.
+- Names and layouts come from hf_mapping.py's table of the architecture, the one the export reads too
+  (GPT-2's Conv1D matrices transposed, LLaMA's q/k/v_proj concatenated into `qkv_proj` and gate/up_proj
+  into `gate_up_proj`). Both use the "rotate_half" RoPE layout fucina uses, so no rows are permuted.
+  Every tensor of the checkpoint must be used (bar known buffers such as GPT-2's causal-mask
+  `attn.bias`), and every fucina weight must be found: a mismatch is an error.
 - Anything fucina cannot compute exactly is refused with a FucinaError naming the config key
   (rope scaling, attention biases without MLP biases, cross-attention, other activations...), rather
   than imported into a model that would silently compute something else.
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from fucina.errors import CheckpointError, TokenizerError
+from fucina.interop.hf_mapping import GPT2, LLAMA, LM_HEAD, MAPPINGS, Mapping
 from fucina.model.config import ModelConfig
 from fucina.model.io import read_json_object, read_safetensors
 from fucina.model.transformer import Transformer
@@ -129,6 +129,11 @@ def _refuse(where: Path, key: str, value: Any, why: str) -> None:
     raise UnsupportedCheckpointError(f"{where}: {key}={value!r} is not supported: {why}")
 
 
+def _sizes(mapping: Mapping, hf: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The ModelConfig size fields read from `hf` through `mapping`'s config table."""
+    return {field.field: field.read(hf, where) for field in mapping.config_fields}
+
+
 def _gpt2_config(hf: dict[str, Any], where: Path) -> ModelConfig:
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _GPT2_ACTIVATIONS:
@@ -139,17 +144,14 @@ def _gpt2_config(hf: dict[str, Any], where: Path) -> ModelConfig:
         _refuse(where, "scale_attn_weights", hf["scale_attn_weights"], "attention is always scaled")
     if hf.get("scale_attn_by_inverse_layer_idx"):
         _refuse(where, "scale_attn_by_inverse_layer_idx", True, "no per-layer attention scaling")
-    d_model = _require(hf, "n_embd", where)
+    vocab_size = _require(hf, "vocab_size", where)
+    sizes = _sizes(GPT2, hf, where)
+    sizes["d_ff"] = sizes["d_ff"] or 4 * sizes["d_model"]
     return ModelConfig(
-        vocab_size=_require(hf, "vocab_size", where),
-        context_length=_require(hf, "n_positions", where),
-        n_layers=_require(hf, "n_layer", where),
-        d_model=d_model,
-        n_heads=_require(hf, "n_head", where),
-        d_ff=hf.get("n_inner") or 4 * d_model,
+        vocab_size=vocab_size,
+        **sizes,
         positions="learned",
         norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         mlp=_GPT2_ACTIVATIONS[activation],
         bias=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
@@ -182,23 +184,16 @@ def _llama_config(hf: dict[str, Any], where: Path) -> ModelConfig:
     if attention_bias != mlp_bias:
         key = "attention_bias" if attention_bias else "mlp_bias"
         _refuse(where, key, True, "fucina puts biases on all block projections or on none")
-    d_model = _require(hf, "hidden_size", where)
-    n_heads = _require(hf, "num_attention_heads", where)
-    head_dim = hf.get("head_dim")
+    sizes = _sizes(LLAMA, hf, where)
+    sizes["n_kv_heads"] = sizes["n_kv_heads"] or sizes["n_heads"]
+    if sizes["head_dim"] == sizes["d_model"] // sizes["n_heads"]:
+        sizes["head_dim"] = None  # the default: config.json keeps the plain layout
     sliding_window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     return ModelConfig(
-        vocab_size=_require(hf, "vocab_size", where),
-        context_length=_require(hf, "max_position_embeddings", where),
-        n_layers=_require(hf, "num_hidden_layers", where),
-        d_model=d_model,
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=None if head_dim in (None, d_model // n_heads) else head_dim,
-        d_ff=_require(hf, "intermediate_size", where),
+        **sizes,
         positions="rope",
         rope_base=_rope_base(hf, where),
         norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
         mlp="swiglu",
         bias=attention_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -213,15 +208,18 @@ class _Tensors:
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str, where: Path):
         self.where = where
+        self.prefix = prefix
         # Checkpoints saved from the base model (GPT2Model, the original gpt2 files) lack the prefix.
         self.original_names = {name.removeprefix(prefix): name for name in weights}
         self.weights = {name.removeprefix(prefix): tensor for name, tensor in weights.items()}
         self.used: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weights
+        return name.removeprefix(self.prefix) in self.weights
 
     def take(self, name: str) -> torch.Tensor:
+        """The tensor of the *ForCausalLM name `name` (prefixed or not in the checkpoint)."""
+        name = name.removeprefix(self.prefix)
         if name not in self.weights:
             raise CheckpointError(f"{self.where}: tensor {name!r} is missing from the checkpoint")
         self.used.add(name)
@@ -240,61 +238,16 @@ class _Tensors:
             )
 
 
-def _gpt2_weights(tensors: _Tensors, config: ModelConfig) -> dict[str, torch.Tensor]:
-    state = {
-        "token_embedding.weight": tensors.take("wte.weight"),
-        "position_embedding.weight": tensors.take("wpe.weight"),
-        "final_norm.weight": tensors.take("ln_f.weight"),
-        "final_norm.bias": tensors.take("ln_f.bias"),
-    }
-    # (HF name, fucina name, is a Conv1D weight stored (in, out))
-    parts = (
-        ("ln_1", "mixer_norm", False),
-        ("ln_2", "ffn_norm", False),
-        ("attn.c_attn", "mixer.qkv_proj", True),
-        ("attn.c_proj", "mixer.out_proj", True),
-        ("mlp.c_fc", "ffn.up_proj", True),
-        ("mlp.c_proj", "ffn.down_proj", True),
-    )
-    for i in range(config.n_layers):
-        for hf_name, name, conv1d in parts:
-            weight = tensors.take(f"h.{i}.{hf_name}.weight")
-            state[f"blocks.{i}.{name}.weight"] = weight.t() if conv1d else weight
-            state[f"blocks.{i}.{name}.bias"] = tensors.take(f"h.{i}.{hf_name}.bias")
-    return state
-
-
-def _llama_weights(tensors: _Tensors, config: ModelConfig) -> dict[str, torch.Tensor]:
-    state = {
-        "token_embedding.weight": tensors.take("embed_tokens.weight"),
-        "final_norm.weight": tensors.take("norm.weight"),
-    }
-    suffixes = ("weight", "bias") if config.bias else ("weight",)
-    for i in range(config.n_layers):
-        hf, ours = f"layers.{i}.", f"blocks.{i}."
-        state[ours + "mixer_norm.weight"] = tensors.take(hf + "input_layernorm.weight")
-        state[ours + "ffn_norm.weight"] = tensors.take(hf + "post_attention_layernorm.weight")
-        for suffix in suffixes:
-            qkv = [tensors.take(f"{hf}self_attn.{p}_proj.{suffix}") for p in ("q", "k", "v")]
-            state[f"{ours}mixer.qkv_proj.{suffix}"] = torch.cat(qkv)
-            state[f"{ours}mixer.out_proj.{suffix}"] = tensors.take(f"{hf}self_attn.o_proj.{suffix}")
-            gate_up = [tensors.take(f"{hf}mlp.{p}_proj.{suffix}") for p in ("gate", "up")]
-            state[f"{ours}ffn.gate_up_proj.{suffix}"] = torch.cat(gate_up)
-            state[f"{ours}ffn.down_proj.{suffix}"] = tensors.take(f"{hf}mlp.down_proj.{suffix}")
-    return state
-
-
 @dataclass(frozen=True)
 class _Architecture:
     config: Callable[[dict[str, Any], Path], ModelConfig]
-    prefix: str  # of the base model's tensors inside the *ForCausalLM checkpoint
-    weights: Callable[[_Tensors, ModelConfig], dict[str, torch.Tensor]]
+    mapping: Mapping  # names and layouts, shared with the export
 
 
 ARCHITECTURES = {
-    "gpt2": _Architecture(_gpt2_config, "transformer.", _gpt2_weights),
-    "llama": _Architecture(_llama_config, "model.", _llama_weights),
-    "mistral": _Architecture(_llama_config, "model.", _llama_weights),
+    "gpt2": _Architecture(_gpt2_config, MAPPINGS["gpt2"]),
+    "llama": _Architecture(_llama_config, MAPPINGS["llama"]),
+    "mistral": _Architecture(_llama_config, MAPPINGS["mistral"]),
 }
 
 
@@ -317,14 +270,10 @@ def _converted_state(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tens
     hf = read_hf_config(directory)
     architecture = _architecture(hf, directory / HF_CONFIG_FILE)
     config = architecture.config(hf, directory / HF_CONFIG_FILE)
-    tensors = _Tensors(read_hf_weights(directory), architecture.prefix, directory)
-    state = architecture.weights(tensors, config)
-    if config.tie_embeddings:
-        if "lm_head.weight" in tensors:
-            tensors.take("lm_head.weight")  # a tied copy saved anyway: the embedding stands for both
-        state["lm_head.weight"] = state["token_embedding.weight"]
-    else:
-        state["lm_head.weight"] = tensors.take("lm_head.weight")
+    tensors = _Tensors(read_hf_weights(directory), architecture.mapping.prefix, directory)
+    state = architecture.mapping.from_hf(tensors.take, config, directory)
+    if config.tie_embeddings and LM_HEAD in tensors:
+        tensors.take(LM_HEAD)  # a tied copy saved anyway: the embedding stands for both
     tensors.check_all_used()
     return config, state
 
