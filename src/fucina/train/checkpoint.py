@@ -7,11 +7,11 @@ Layout: `<run>/checkpoints/step-00000500/` holding
 - `manifest.json`      written last: step, and each file's size and SHA-256.
 
 Design choices:
-- Atomic: everything is written into `checkpoints/.tmp-step-...` (each file flushed and fsynced, then the
-  directory fsynced), which is renamed to its final name with `os.replace` and the parent fsynced. A
-  crash at any moment leaves either the complete new checkpoint or a `.tmp-*` directory, which is never
-  taken for a checkpoint (and is cleared away on the next start). The previous checkpoints are only
-  pruned (`keep_last`) after the new one is in place.
+- Atomic: everything is written into `checkpoints/.tmp-step-...` (each file flushed and fsynced through
+  fucina.fsutil, then the directory fsynced), which is renamed to its final name with `os.replace` and
+  the parent fsynced. A crash at any moment leaves either the complete new checkpoint or a `.tmp-*`
+  directory, which is never taken for a checkpoint (and is cleared away on the next start). The previous
+  checkpoints are only pruned (`keep_last`) after the new one is in place.
 - Verified: loading checks every file's size and hash against the manifest, so a truncated or
   bit-flipped checkpoint is caught with a message naming the file instead of loading garbage.
 - Fallback (documented behaviour): when the newest checkpoint is unusable, resume warns, renames it to
@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 
 from fucina.errors import CheckpointError
+from fucina.fsutil import fsync_directory, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -59,42 +60,6 @@ class Checkpoint:
     step: int
     model_state: dict[str, torch.Tensor]
     trainer_state: dict[str, Any]
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename/creation inside `directory` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file_durably(path: Path, data: bytes) -> None:
-    """Write `data` to a NEW file and make it durable (flush + fsync)."""
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def replace_file_atomically(path: str | Path, data: bytes | str) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never half of one."""
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        write_file_durably(tmp, payload)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
 
 
 def checkpoint_name(step: int) -> str:
@@ -152,14 +117,14 @@ def save_checkpoint(
             STATE_FILE: _serialize_state(trainer_state),
         }
         for name, payload in files.items():
-            write_file_durably(tmp / name, payload)
+            write_durably(tmp / name, payload)
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "files": {name: {"bytes": len(p), "sha256": _sha256(p)} for name, p in files.items()},
         }
-        write_file_durably(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        write_durably(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
         fsync_directory(tmp)
         if final.exists():  # only possible for a checkpoint moved aside as corrupt and recreated
             final.rename(directory / f"{CORRUPT_PREFIX}{final.name}.{int(time.time())}")

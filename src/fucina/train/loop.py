@@ -46,6 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fucina.config import from_dict
 from fucina.data.loaders import DataPosition, DataShard, StageData, epochs_to_steps, prepare_tokenizer
 from fucina.errors import ConfigError, FucinaError, TokenizerError
+from fucina.fsutil import write_atomically
 from fucina.model.config import ModelConfig
 from fucina.model.io import CONFIG_FILE as MODEL_CONFIG_FILE
 from fucina.model.io import MODEL_VERSION, save_model
@@ -54,7 +55,7 @@ from fucina.model_dir import load_pretrained
 from fucina.presets import get_preset
 from fucina.tokenizer import FucinaTokenizer
 from fucina.train.activation_checkpointing import apply_activation_checkpointing
-from fucina.train.checkpoint import replace_file_atomically, save_checkpoint
+from fucina.train.checkpoint import save_checkpoint
 from fucina.train.config import TrainConfig, scientific_floats
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
 from fucina.train.optim import build_optimizer
@@ -256,7 +257,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.model_config = self.model.config
         model_json = {"fucina_model_version": MODEL_VERSION, **self.model_config.to_dict()}
-        replace_file_atomically(run.path / MODEL_CONFIG_FILE, json.dumps(model_json, indent=2) + "\n")
+        write_atomically(run.path / MODEL_CONFIG_FILE, json.dumps(model_json, indent=2) + "\n")
         self._configure_model_switches()
 
         model_context = self.model_config.context_length

@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import nn
 
-from fucina.train.checkpoint import replace_file_atomically
+from fucina.fsutil import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class MetricsLogger:
 
     def _rewrite_jsonl(self) -> None:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
-        replace_file_atomically(self.run_dir / METRICS_FILE, text)
+        write_atomically(self.run_dir / METRICS_FILE, text)
 
     def _append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -153,9 +153,7 @@ class MetricsLogger:
     def write_stats(self, progress: dict[str, Any]) -> None:
         """Rewrite train_stats.json with the evaluations so far and `progress` (step, finished, ...)."""
         self.stats.update(progress)
-        replace_file_atomically(
-            self.run_dir / STATS_FILE, json.dumps(self.stats, indent=2, ensure_ascii=False)
-        )
+        write_atomically(self.run_dir / STATS_FILE, json.dumps(self.stats, indent=2, ensure_ascii=False))
 
     def write_plot(self) -> None:
         """plots/loss.png: training loss and validation loss against the step."""
@@ -181,7 +179,7 @@ class MetricsLogger:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
         (self.run_dir / PLOT_FILE).parent.mkdir(parents=True, exist_ok=True)
-        replace_file_atomically(self.run_dir / PLOT_FILE, buffer.getvalue())
+        write_atomically(self.run_dir / PLOT_FILE, buffer.getvalue())
 
     def close(self) -> None:
         if self.writer is not None:

@@ -32,9 +32,7 @@ Resume policy (documented in `fucina train --help`):
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -44,13 +42,8 @@ import yaml
 
 from fucina.config import load_yaml
 from fucina.errors import CheckpointError, ConfigError, FucinaError
-from fucina.train.checkpoint import (
-    Checkpoint,
-    fsync_directory,
-    list_checkpoints,
-    load_latest_checkpoint,
-    replace_file_atomically,
-)
+from fucina.fsutil import staged_output, write_atomically, write_json_atomically
+from fucina.train.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint
 from fucina.train.config import TrainConfig, config_from_dict
 
 log = logging.getLogger(__name__)
@@ -179,7 +172,7 @@ class RunDirectory:
         text = "# The resolved configuration of this run, written by `fucina train`.\n" + yaml.safe_dump(
             config.to_dict(), sort_keys=False, allow_unicode=True
         )
-        replace_file_atomically(self.path / CONFIG_FILE, text)
+        write_atomically(self.path / CONFIG_FILE, text)
 
     def recover_model_dirs(self) -> None:
         """Finish or undo a best/ or final/ swap that a crash interrupted."""
@@ -263,27 +256,13 @@ def _resume_point(run: RunDirectory, config: TrainConfig, resume: bool | None) -
 def publish_model_dir(run: RunDirectory, name: str, write: Any, info: dict[str, Any]) -> Path:
     """Write a model directory `name` (best/ or final/) atomically: `write(tmp_dir)` then swap it in."""
     target = run.path / name
-    tmp = run.path / f".{name}.tmp-{os.getpid()}"
-    old = run.path / f".{name}.old-{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
-        (tmp / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_directory(tmp)
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        fsync_directory(run.path)
+        # staged as .NAME.tmp-PID, the old one moved aside as .NAME.old-PID: see recover_model_dirs
+        with staged_output(target, overwrite=True) as tmp:
+            write(tmp)
+            write_json_atomically(tmp / TRAINING_INFO_FILE, info, ensure_ascii=True)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            old.rename(target)
         raise CheckpointError(
             f"could not write {target}: {err.strerror or err} (the previous one is intact)"
         ) from None
-    shutil.rmtree(old, ignore_errors=True)
     return target
