@@ -21,7 +21,6 @@ train from the latent-weight checkpoint (io.py), not from this file (the latent 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fucina.errors import CheckpointError, ConfigError
+from fucina.fsutil import atomic_path
 from fucina.model.bitnet import NORM_EPS, BitLinear, quantize_activations, ternary_codes, weight_scale
 from fucina.model.config import ModelConfig
 from fucina.model.transformer import Transformer
@@ -97,12 +97,8 @@ def export_ternary(model: Transformer, path: str | Path, dtype: torch.dtype = to
     metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(model.config.to_dict())}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path.stat().st_size
 
 
