@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fucina.errors import DataError, TokenizerError
+from fucina.fsutil import write_json_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -242,16 +243,6 @@ def _remove_previous_dataset(out_dir: Path) -> None:
             path.unlink()
 
 
-def _write_json_atomically(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def pack_corpus(
     texts: Iterable[str],
     tokenizer: FucinaTokenizer,
@@ -320,7 +311,7 @@ def pack_corpus(
     )
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(info)}
     del meta["out_dir"]  # the directory may move; meta.json describes what is inside it
-    _write_json_atomically(out_dir / META_FILE, meta)
+    write_json_atomically(out_dir / META_FILE, meta, ensure_ascii=True)
     for split, split_info in splits.items():
         logger.info(
             "%s: %d documents, %d tokens, %d bytes",
