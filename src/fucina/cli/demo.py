@@ -71,7 +71,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 60) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     from fucina.cli.summary import format_result
-    from fucina.model_dir import load_pretrained
+    from fucina.model_dir import FINAL_DIR, load_pretrained
     from fucina.train.config import load_train_config
     from fucina.train.loop import train
 
@@ -95,7 +95,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(format_result(tuned))
     print(f"stage time {time.perf_counter() - stage_started:.0f} s\n")
 
-    final = out / "chat" / "final"
+    final = out / "chat" / FINAL_DIR
     print(f"[3/3] three questions to the fine-tuned model ({final}, greedy decoding)\n")
     model, tokenizer = load_pretrained(final)
     for question in PROMPTS:

@@ -78,12 +78,12 @@ def register(subparsers) -> None:
 
 def _load(path: str):
     """(model in eval mode, tokenizer, training stage or None) of a run or model directory."""
-    from fucina.model_dir import load_pretrained, resolve_model_dir
+    from fucina.model_dir import TRAINING_INFO_FILE, load_pretrained, resolve_model_dir
 
     model_dir = resolve_model_dir(path)
     model, tokenizer = load_pretrained(model_dir)
     model.eval()
-    info_path = model_dir / "training.json"
+    info_path = model_dir / TRAINING_INFO_FILE
     stage = None
     if info_path.is_file():
         try:

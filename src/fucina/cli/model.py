@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fucina.errors import CheckpointError, ConfigError
+from fucina.errors import CheckpointError
 from fucina.model.config import ModelConfig
 
 
@@ -61,8 +61,8 @@ def register(subparsers) -> None:
         help="write a BitNet (linear: bitnet) model's projections packed at 2 bits per weight",
         description=(
             "Pack every BitLinear weight of a BitNet b1.58 model into 2-bit ternary codes plus one scale "
-            "per matrix (one safetensors file, see fucina/model/ternary_export.py) and print the file size "
-            "next to the bf16 size of the same model."
+            "per matrix (one safetensors file, see fucina/compress/ternary.py) and print the file size next "
+            "to the bf16 size of the same model. Same as `fucina export --format ternary`."
         ),
     )
     ternary.add_argument("model", help="run directory (uses best/) or model directory of a BitNet model")
@@ -79,7 +79,8 @@ def register(subparsers) -> None:
 
 def _config_for(name_or_path: str) -> tuple[str, ModelConfig]:
     """A preset by name, or the config.json of a model directory (or a run's best/ or final/)."""
-    from fucina.model.io import CONFIG_FILE, load_config
+    from fucina.model.io import load_config
+    from fucina.model_dir import BEST_DIR, CONFIG_FILE, FINAL_DIR
     from fucina.presets import get_preset
 
     path = Path(name_or_path)
@@ -87,7 +88,7 @@ def _config_for(name_or_path: str) -> tuple[str, ModelConfig]:
         if len(path.parts) > 1:
             raise CheckpointError(f"model directory not found: {path}")
         return name_or_path, get_preset(name_or_path)
-    for candidate in (path, path / "best", path / "final"):
+    for candidate in (path, path / BEST_DIR, path / FINAL_DIR):
         if (candidate / CONFIG_FILE).is_file():
             return str(candidate), load_config(candidate)
     raise CheckpointError(f"{path} holds no {CONFIG_FILE} (nor does its best/ or final/ subdirectory)")
@@ -149,15 +150,7 @@ def _import_hf(args: argparse.Namespace) -> None:
 def _export_ternary(args: argparse.Namespace) -> None:
     import torch
 
-    from fucina.compress.ternary import export_ternary
-    from fucina.model.io import load_model
-    from fucina.model_dir import resolve_model_dir
+    from fucina.interop.ternary import export_ternary_model
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(f"{out} exists: pass --overwrite to replace it")
-    model_dir = resolve_model_dir(args.model)
-    model = load_model(model_dir)
-    size = export_ternary(model, out, dtype=getattr(torch, args.dtype))
-    bf16 = sum(p.numel() for p in model.parameters()) * 2
-    print(f"wrote {out}: {size:,} bytes ({size / bf16:.0%} of the model's {bf16:,} bytes in bf16)")
+    result = export_ternary_model(args.model, args.out, getattr(torch, args.dtype), args.overwrite)
+    print(result.summary())

@@ -43,7 +43,7 @@ from fucina.data.readers import ReadStats, iter_conversations, iter_texts
 from fucina.data.sources import BUILTIN_SOURCE, check_sources, is_path_source, iter_filtered, load_exclusions
 from fucina.errors import DataError, TokenizerError
 from fucina.model.loss import IGNORE_INDEX
-from fucina.tokenizer import FucinaTokenizer, train_tokenizer
+from fucina.tokenizer import TOKENIZER_FILE, FucinaTokenizer, train_tokenizer
 
 if TYPE_CHECKING:  # the data only reads the config's sections; the config never imports the data
     from fucina.train.config import TrainConfig
@@ -121,11 +121,11 @@ def prepare_tokenizer(
 
     `builtin`: the built-in corpus a bare `builtin` source means for this stage ("prose" or "chat").
     """
-    if (run_dir / "tokenizer.json").is_file():
+    if (run_dir / TOKENIZER_FILE).is_file():
         tokenizer = FucinaTokenizer.load(run_dir)
         if inherited is not None and inherited.backend.to_str() != tokenizer.backend.to_str():
             raise TokenizerError(
-                f"{run_dir / 'tokenizer.json'} differs from the tokenizer of {config.init_from}; "
+                f"{run_dir / TOKENIZER_FILE} differs from the tokenizer of {config.init_from}; "
                 "use a new run directory"
             )
         return tokenizer

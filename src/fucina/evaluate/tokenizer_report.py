@@ -22,9 +22,8 @@ from tokenizers import Tokenizer
 from fucina.errors import TokenizerError
 from fucina.evaluate.heldout import heldout_texts
 from fucina.evaluate.report import ScoreRow
-from fucina.tokenizer import FucinaTokenizer
+from fucina.tokenizer import TOKENIZER_FILE, FucinaTokenizer
 
-TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_SOURCES = ("eltec", "wikipedia")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from fucina.interop.source import ExportSource
 from fucina.model.info import count_parameters
+from fucina.model_dir import BEST_DIR, FINAL_DIR
 
 VALIDATION_FIELDS = (
     ("val_loss", "validation loss (nats/token)"),
@@ -50,7 +51,7 @@ def render_model_card(source: ExportSource, architecture: str, remote_code: bool
 
 
 def _model_name(source: ExportSource) -> str:
-    if source.model_dir.name in ("best", "final") and source.run_dir is not None:
+    if source.model_dir.name in (BEST_DIR, FINAL_DIR) and source.run_dir is not None:
         return source.run_dir.name
     return source.model_dir.name
 

@@ -24,13 +24,12 @@ import yaml
 from fucina.errors import FucinaError
 from fucina.model.io import load_model
 from fucina.model.transformer import Transformer
-from fucina.model_dir import resolve_model_dir
+from fucina.model_dir import TRAINING_INFO_FILE, resolve_model_dir
 from fucina.tokenizer import TOKENIZER_FILE, FucinaTokenizer
 
 log = logging.getLogger(__name__)
 
 RUN_RECORDS = ("train_config.yaml", "train_stats.json")
-TRAINING_INFO_FILE = "training.json"
 
 
 class ExportError(FucinaError):

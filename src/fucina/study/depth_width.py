@@ -245,10 +245,10 @@ def train_config(run: PlannedRun, settings: StudySettings, out: Path) -> dict[st
 
 def _prepare_tokenizer(out: Path, settings: StudySettings):
     from fucina.data.readers import iter_texts
-    from fucina.tokenizer import FucinaTokenizer, train_tokenizer
+    from fucina.tokenizer import TOKENIZER_FILE, FucinaTokenizer, train_tokenizer
 
     directory = out / "tokenizer"
-    if (directory / "tokenizer.json").is_file():
+    if (directory / TOKENIZER_FILE).is_file():
         return FucinaTokenizer.load(directory)
     tokenizer = train_tokenizer(
         iter_texts([out / "corpus" / "train.jsonl"]),

@@ -43,6 +43,8 @@ import yaml
 from fucina.config import load_yaml
 from fucina.errors import CheckpointError, ConfigError, FucinaError
 from fucina.fsutil import staged_output, write_atomically, write_json_atomically
+from fucina.model_dir import BEST_DIR, FINAL_DIR, TOKENIZER_FILES, TRAINING_INFO_FILE
+from fucina.model_dir import CONFIG_FILE as MODEL_CONFIG_FILE
 from fucina.train.checkpoint import Checkpoint, list_checkpoints, load_latest_checkpoint
 from fucina.train.config import TrainConfig, config_from_dict
 
@@ -50,15 +52,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "train_config.yaml"
 CHECKPOINTS_DIR = "checkpoints"
-BEST_DIR = "best"
-FINAL_DIR = "final"
-TRAINING_INFO_FILE = "training.json"
 LOCK_FILE = ".lock"
 # What a start derives from its configuration before the first step: regenerable, never training results.
 SETUP_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "config.json",
+    *TOKENIZER_FILES,
+    MODEL_CONFIG_FILE,
     "data",
     "data-val",
     "metrics.jsonl",
