@@ -51,7 +51,7 @@ from fucina.model.config import ModelConfig
 from fucina.model.io import CONFIG_FILE as MODEL_CONFIG_FILE
 from fucina.model.io import MODEL_VERSION, save_model
 from fucina.model.transformer import Transformer, maybe_compile
-from fucina.model_dir import load_pretrained
+from fucina.model_dir import BEST_DIR, FINAL_DIR, load_pretrained
 from fucina.presets import get_preset
 from fucina.tokenizer import FucinaTokenizer
 from fucina.train.activation_checkpointing import apply_activation_checkpointing
@@ -426,7 +426,7 @@ class Trainer:
         improved = result.val_loss < p.best_val_loss - e.min_delta
         if improved:
             p.best_val_loss, p.best_step, p.evals_without_improvement = result.val_loss, p.step, 0
-            self._publish("best", result)
+            self._publish(BEST_DIR, result)
         else:
             p.evals_without_improvement += 1
         p.last_eval_step = p.step
@@ -544,8 +544,8 @@ class Trainer:
         elif last_result is None:
             last_result = self._last_logged_eval()
         if not self.run.best.exists():
-            self._publish("best", last_result)
-        self._publish("final", last_result)
+            self._publish(BEST_DIR, last_result)
+        self._publish(FINAL_DIR, last_result)
         self.metrics.write_stats(self._stats_progress(finished=True))
         self.metrics.close()
         best = self.metrics.stats.get("best") or {}
