@@ -33,6 +33,7 @@ import torch
 
 from fucina.errors import ConfigError
 from fucina.evaluate.report import write_json
+from fucina.fsutil import write_atomically
 from fucina.study.corpus import write_study_corpus
 from fucina.study.shapes import DEFAULT_SWEEP_DEPTHS, SCALES, Shape, StudyRun, four_configurations, study_runs
 
@@ -380,13 +381,13 @@ def run_study(out: str | Path, settings: StudySettings | None = None) -> StudyRe
         {"plan": asdict(plan), "runs": records, "verdict": result_verdict, "equal": "training FLOPs"},
         out / RESULTS_JSON,
     )
-    (out / RESULTS_MD).write_text(
+    write_atomically(
+        out / RESULTS_MD,
         f"# Depth vs width ({_corpus_source(out)} corpus)\n\n"
         f"Every run: {plan.flops_per_run:.3g} training FLOPs (equal compute), scale 1/{plan.scale} of "
         f"the 768-wide originals, context {settings.context_length}, batch {settings.batch_size}, "
         f"lr {settings.lr}, vocabulary {plan.vocab_size}. val bpb: final weights, study validation text.\n\n"
         f"{markdown_table(records)}\n\n{result_verdict['text']}\n",
-        encoding="utf-8",
     )
     plots = [
         plot_loss_curves(records, out / "loss_curves.png"),

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fucina.fsutil import write_atomically
+
 SHOWN_METRICS = ("bits_per_byte", "acc", "acc_norm", "mcc")
 
 
@@ -98,5 +100,5 @@ def results_page(reference_dir: str | Path) -> str:
 def write_results_page(reference_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(results_page(reference_dir), encoding="utf-8")
+    write_atomically(out, results_page(reference_dir))
     return out
