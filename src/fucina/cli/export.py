@@ -1,32 +1,45 @@
-"""`fucina export`: write a trained model as a Hugging Face model directory or a llama.cpp GGUF file.
+"""`fucina export`: write a trained model as a Hugging Face model directory, a llama.cpp GGUF file or a
+packed ternary file.
 
 `fucina export --model RUN_OR_MODEL_DIR --format hf --out DIR` writes config.json, model.safetensors,
 the tokenizer with its chat template, generation_config.json and a README.md model card, loadable with
 `AutoModelForCausalLM.from_pretrained(DIR)` (GPT-2, LLaMA, Mistral, Ministral classes); PicoDAC-style
 models become transformers' ImageGPTForCausalImageModeling (no custom code), or with
-`--picodac-class remote-code` a small remote-code module for AutoModelForCausalLM. `--format gguf --out FILE.gguf [--quant f32|f16|q8_0]` writes one
-GGUF file for llama.cpp (LLaMA- and GPT-2-style models). An existing --out is refused unless
---overwrite is given (the old output is replaced only once the new one is complete).
+`--picodac-class remote-code` a small remote-code module for AutoModelForCausalLM. `--format gguf --out
+FILE.gguf [--quant f32|f16|q8_0]` writes one GGUF file for llama.cpp (LLaMA- and GPT-2-style models).
+`--format ternary --out FILE.safetensors [--dtype bfloat16|float32]` packs a BitNet model's projections
+at 2 bits per weight (load it with fucina.compress.ternary.load_ternary). An existing --out is refused
+unless --overwrite is given (the old output is replaced only once the new one is complete).
 """
 
 from __future__ import annotations
 
 import argparse
 
-FORMATS = ("hf", "gguf")
+FORMATS = ("hf", "gguf", "ternary")
 
 
 def register(subparsers) -> None:
     export = subparsers.add_parser(
         "export",
-        help="export a model to Hugging Face transformers or llama.cpp (GGUF)",
+        help="export a model to Hugging Face transformers, llama.cpp (GGUF) or packed ternary weights",
         description=__doc__.split("\n\n")[1],
     )
     export.add_argument("--model", required=True, help="run directory (uses best/) or model directory")
-    export.add_argument("--format", required=True, choices=FORMATS, help="hf (a directory) or gguf (a file)")
-    export.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
+    export.add_argument(
+        "--format", required=True, choices=FORMATS, help="hf (a directory), gguf or ternary (a file)"
+    )
+    export.add_argument(
+        "--out", required=True, help="output directory (hf), .gguf file (gguf) or .safetensors file (ternary)"
+    )
     export.add_argument(
         "--quant", default="f16", choices=("f32", "f16", "q8_0"), help="GGUF matrix type (default f16)"
+    )
+    export.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("bfloat16", "float32"),
+        help="ternary: dtype of the tensors that are not ternary (embeddings, head, norms; default bfloat16)",
     )
     export.add_argument(
         "--picodac-class",
@@ -41,6 +54,14 @@ def register(subparsers) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from fucina.interop.source import load_source
 
+    if args.format == "ternary":  # the model alone: no tokenizer needed (interop/ternary.py)
+        import torch
+
+        from fucina.interop.ternary import export_ternary_model
+
+        result = export_ternary_model(args.model, args.out, getattr(torch, args.dtype), args.overwrite)
+        print(result.summary())
+        return 0
     source = load_source(args.model)
     if args.format == "hf":
         from fucina.interop.hf_export import export_hf

@@ -16,6 +16,9 @@ Format (one safetensors file, so loading never runs code):
 without gradients: same normalisation, same 8-bit activations, weight t * s. Its logits equal the
 exported model's bit for bit. It is an inference model: its state dict names codes and scales, so
 train from the latent-weight checkpoint (io.py), not from this file (the latent weights are gone).
+
+Users write it with `fucina export --format ternary` (or `fucina model export-ternary`), both through
+interop/ternary.py.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fucina.errors import CheckpointError, ConfigError
-from fucina.fsutil import atomic_path
+from fucina.fsutil import staged_output
 from fucina.model.bitnet import NORM_EPS, BitLinear, quantize_activations, ternary_codes, weight_scale
 from fucina.model.config import ModelConfig
 from fucina.model.transformer import Transformer
@@ -75,14 +78,25 @@ def _bitlinear_weights(model: torch.nn.Module) -> set[str]:
     return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, BitLinear)}
 
 
-def export_ternary(model: Transformer, path: str | Path, dtype: torch.dtype = torch.float32) -> int:
+def export_ternary(
+    model: Transformer,
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    protected: Path | None = None,
+) -> int:
     """Write `model` to `path` in the packed format above; returns the file size in bytes.
 
     `dtype` is for the tensors that are not ternary (float32 keeps them exact; bfloat16 halves them).
+    The file is staged and renamed into place (fucina.fsutil): an existing `path` is refused unless
+    `overwrite`, and `protected` (the model directory being read) is never replaced.
     """
     ternary = _bitlinear_weights(model)
     if not ternary:
-        raise ConfigError("export_ternary needs a BitNet model (linear: bitnet): this one has no BitLinear")
+        raise ConfigError(
+            f"the ternary format needs a BitNet model (linear: bitnet): this model's linear is "
+            f"{model.config.linear!r}, it has no BitLinear layer"
+        )
     state = {}
     for name, tensor in model.state_dict().items():
         if model.config.tie_embeddings and name == TIED_HEAD:
@@ -95,11 +109,9 @@ def export_ternary(model: Transformer, path: str | Path, dtype: torch.dtype = to
         else:
             state[name] = (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
     metadata = {"format": FORMAT, "version": str(VERSION), "config": json.dumps(model.config.to_dict())}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with staged_output(path, overwrite=overwrite, is_dir=False, protected=protected) as tmp:
         save_file(state, tmp, metadata=metadata)
-    return path.stat().st_size
+    return Path(path).stat().st_size
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
