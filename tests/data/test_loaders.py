@@ -66,7 +66,7 @@ def _steps(make, world_size: int, steps: int, start: DataPosition | None = None)
             assert len(micro) == loader.grad_accum
             step_batches.extend(micro)
             reached.append(positions[rank])
-        assert len(set(map(tuple, (vars(p).values() for p in reached)))) == 1, "ranks advance together"
+        assert all(p == reached[0] for p in reached), "ranks advance together"
         out.append((step_batches, reached[0]))
     return out
 
