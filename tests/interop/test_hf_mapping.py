@@ -10,7 +10,7 @@ from export_helpers import ARCHITECTURES, random_model
 
 from fucina.errors import CheckpointError
 from fucina.interop.hf_export import hf_architecture
-from fucina.interop.hf_mapping import GPT2, MAPPINGS, Mapping
+from fucina.interop.hf_mapping import GPT2, MAPPINGS, HFTable
 
 # (architecture of export_helpers, config overrides, picodac_class): every table, with and without biases
 CASES = {
@@ -26,7 +26,7 @@ CASES = {
 }
 
 
-def case(name: str) -> tuple[Mapping, torch.nn.Module]:
+def case(name: str) -> tuple[HFTable, torch.nn.Module]:
     architecture, overrides, picodac_class = CASES[name]
     config = dataclasses.replace(ARCHITECTURES[architecture][0], **overrides)
     return MAPPINGS[hf_architecture(config, picodac_class)], random_model(config)

@@ -42,7 +42,7 @@ import torch
 
 from fucina.fsutil import staged_output
 from fucina.interop.architecture import describe, unsupported_parts
-from fucina.interop.hf_mapping import GPT2, LLAMA, MAPPINGS, Mapping
+from fucina.interop.hf_mapping import GPT2, LLAMA, MAPPINGS, HFTable
 from fucina.interop.model_card import write_model_card
 from fucina.interop.source import ExportError, ExportSource
 from fucina.model.config import ModelConfig
@@ -158,7 +158,7 @@ def _special_ids(source: ExportSource) -> dict[str, Any]:
     return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
-def _sizes(mapping: Mapping, config: ModelConfig) -> dict[str, Any]:
+def _sizes(mapping: HFTable, config: ModelConfig) -> dict[str, Any]:
     """The config.json size fields of `mapping`'s architecture, from a fucina config."""
     return {field.hf: field.value(config) for field in mapping.config_fields}
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from fucina.errors import CheckpointError, TokenizerError
-from fucina.interop.hf_mapping import GPT2, LLAMA, LM_HEAD, MAPPINGS, Mapping
+from fucina.interop.hf_mapping import GPT2, LLAMA, LM_HEAD, MAPPINGS, HFTable
 from fucina.model.config import ModelConfig
 from fucina.model.io import read_json_object, read_safetensors
 from fucina.model.transformer import Transformer
@@ -129,7 +129,7 @@ def _refuse(where: Path, key: str, value: Any, why: str) -> None:
     raise UnsupportedCheckpointError(f"{where}: {key}={value!r} is not supported: {why}")
 
 
-def _sizes(mapping: Mapping, hf: dict[str, Any], where: Path) -> dict[str, Any]:
+def _sizes(mapping: HFTable, hf: dict[str, Any], where: Path) -> dict[str, Any]:
     """The ModelConfig size fields read from `hf` through `mapping`'s config table."""
     return {field.field: field.read(hf, where) for field in mapping.config_fields}
 
@@ -241,7 +241,7 @@ class _Tensors:
 @dataclass(frozen=True)
 class _Architecture:
     config: Callable[[dict[str, Any], Path], ModelConfig]
-    mapping: Mapping  # names and layouts, shared with the export
+    mapping: HFTable  # names and layouts, shared with the export
 
 
 ARCHITECTURES = {

@@ -20,6 +20,7 @@ Design choices, and why:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,7 +109,7 @@ class ConfigField:
 
 
 @dataclass(frozen=True)
-class Mapping:
+class HFTable:
     """The whole table of one architecture: global rows, per-layer rows, config sizes."""
 
     prefix: str  # of the base model inside the *ForCausalLM class ("transformer.", "model.")
@@ -122,14 +123,8 @@ class Mapping:
         rows = list(self.rows)
         for i in range(config.n_layers):
             rows += [
-                Row(
-                    row.ours.format(i=i),
-                    tuple(name.format(i=i) for name in row.theirs),
-                    row.transpose,
-                    row.sizes,
-                    row.pad_rows,
-                    row.when,
-                    row.hf_requires,
+                dataclasses.replace(
+                    row, ours=row.ours.format(i=i), theirs=tuple(name.format(i=i) for name in row.theirs)
                 )
                 for row in self.layer_rows
             ]
@@ -258,13 +253,13 @@ _LLAMA_FIELDS = (
     ConfigField("rms_norm_eps", "norm_eps", required=False, default=1e-6),
 )
 
-GPT2 = Mapping("transformer.", *_gpt2_rows(norm_bias=True, pad_rows=0, head_always=False), _GPT2_FIELDS)
-IMAGEGPT = Mapping("transformer.", *_gpt2_rows(norm_bias=False, pad_rows=1, head_always=True), _GPT2_FIELDS)
-LLAMA = Mapping("model.", *_llama_rows(gated=True, learned_positions=False), _LLAMA_FIELDS)
-PICODAC = Mapping("model.", *_llama_rows(gated=False, learned_positions=True), _LLAMA_FIELDS)
+GPT2 = HFTable("transformer.", *_gpt2_rows(norm_bias=True, pad_rows=0, head_always=False), _GPT2_FIELDS)
+IMAGEGPT = HFTable("transformer.", *_gpt2_rows(norm_bias=False, pad_rows=1, head_always=True), _GPT2_FIELDS)
+LLAMA = HFTable("model.", *_llama_rows(gated=True, learned_positions=False), _LLAMA_FIELDS)
+PICODAC = HFTable("model.", *_llama_rows(gated=False, learned_positions=True), _LLAMA_FIELDS)
 
 # transformers class (export) or config.json model_type (import) -> its table
-MAPPINGS: dict[str, Mapping] = {
+MAPPINGS: dict[str, HFTable] = {
     "GPT2LMHeadModel": GPT2,
     "ImageGPTForCausalImageModeling": IMAGEGPT,
     "LlamaForCausalLM": LLAMA,
