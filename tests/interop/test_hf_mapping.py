@@ -10,7 +10,7 @@ from export_helpers import ARCHITECTURES, random_model
 
 from fucina.errors import CheckpointError
 from fucina.interop.hf_export import hf_architecture
-from fucina.interop.hf_mapping import GPT2, MAPPINGS, HFTable
+from fucina.interop.hf_mapping import GPT2, TABLES, HFTable
 
 # (architecture of export_helpers, config overrides, picodac_class): every table, with and without biases
 CASES = {
@@ -29,7 +29,7 @@ CASES = {
 def case(name: str) -> tuple[HFTable, torch.nn.Module]:
     architecture, overrides, picodac_class = CASES[name]
     config = dataclasses.replace(ARCHITECTURES[architecture][0], **overrides)
-    return MAPPINGS[hf_architecture(config, picodac_class)], random_model(config)
+    return TABLES[hf_architecture(config, picodac_class)], random_model(config)
 
 
 class Checkpoint:
@@ -45,7 +45,7 @@ class Checkpoint:
 
 def test_the_cases_cover_every_table():
     tables = {id(case(name)[0]) for name in CASES}
-    assert tables == {id(mapping) for mapping in MAPPINGS.values()}
+    assert tables == {id(mapping) for mapping in TABLES.values()}
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -42,7 +42,7 @@ import torch
 
 from fucina.fsutil import staged_output
 from fucina.interop.architecture import describe, unsupported_parts
-from fucina.interop.hf_mapping import GPT2, LLAMA, MAPPINGS, HFTable
+from fucina.interop.hf_mapping import GPT2, LLAMA, TABLES, HFTable
 from fucina.interop.model_card import write_model_card
 from fucina.interop.source import ExportError, ExportSource
 from fucina.model.config import ModelConfig
@@ -126,7 +126,7 @@ def export_hf(
     config = source.model.config
     architecture = hf_architecture(config, picodac_class)
     hf_config = _CONFIGS[architecture](config, source)
-    weights = MAPPINGS[architecture].to_hf(_float_state(source.model), config)
+    weights = TABLES[architecture].to_hf(_float_state(source.model), config)
     model = _build_hf_model(architecture, hf_config)
     _load_weights(model, weights, config.tie_embeddings and architecture != IMAGEGPT_ARCHITECTURE)
     model.generation_config = _generation_config(source)

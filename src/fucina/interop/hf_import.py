@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from fucina.errors import CheckpointError, TokenizerError
-from fucina.interop.hf_mapping import GPT2, LLAMA, LM_HEAD, MAPPINGS, HFTable
+from fucina.interop.hf_mapping import GPT2, LLAMA, LM_HEAD, HFTable
 from fucina.model.config import ModelConfig
 from fucina.model.io import read_json_object, read_safetensors
 from fucina.model.transformer import Transformer
@@ -245,9 +245,9 @@ class _Architecture:
 
 
 ARCHITECTURES = {
-    "gpt2": _Architecture(_gpt2_config, MAPPINGS["gpt2"]),
-    "llama": _Architecture(_llama_config, MAPPINGS["llama"]),
-    "mistral": _Architecture(_llama_config, MAPPINGS["mistral"]),
+    "gpt2": _Architecture(_gpt2_config, GPT2),
+    "llama": _Architecture(_llama_config, LLAMA),
+    "mistral": _Architecture(_llama_config, LLAMA),
 }
 
 

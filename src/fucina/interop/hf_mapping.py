@@ -258,15 +258,12 @@ IMAGEGPT = HFTable("transformer.", *_gpt2_rows(norm_bias=False, pad_rows=1, head
 LLAMA = HFTable("model.", *_llama_rows(gated=True, learned_positions=False), _LLAMA_FIELDS)
 PICODAC = HFTable("model.", *_llama_rows(gated=False, learned_positions=True), _LLAMA_FIELDS)
 
-# transformers class (export) or config.json model_type (import) -> its table
-MAPPINGS: dict[str, HFTable] = {
+# transformers class -> its table (the importer picks GPT2 or LLAMA by config.json's model_type)
+TABLES: dict[str, HFTable] = {
     "GPT2LMHeadModel": GPT2,
     "ImageGPTForCausalImageModeling": IMAGEGPT,
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": LLAMA,
     "MinistralForCausalLM": LLAMA,
     "FucinaPicoDACForCausalLM": PICODAC,
-    "gpt2": GPT2,
-    "llama": LLAMA,
-    "mistral": LLAMA,
 }
