@@ -76,8 +76,11 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_cli(tmp_path):
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    location = _run([python, "-c", "import fucina; print(fucina.__file__)"], outside, env)
-    assert Path(location.strip()).is_relative_to(venv), f"fucina imported from {location}, not the venv"
+    location, torch_version = _run(
+        [python, "-c", "import fucina, torch; print(fucina.__file__); print(torch.__version__)"], outside, env
+    ).split()
+    assert Path(location).is_relative_to(venv), f"fucina imported from {location}, not the venv"
+    assert torch_version.split("+")[0] == _torch_pin().split("+")[0], "installing fucina replaced torch"
 
     assert "usage: fucina demo" in _run([fucina, "demo", "--help"], outside, env)
     listed = _run([fucina, "eval", "--list-tasks"], outside, env)
