@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -57,7 +56,6 @@ def _build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
 
 
 def test_wheel_installs_into_a_fresh_venv_and_runs_the_cli(tmp_path):
-    started = time.perf_counter()
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     wheel = _build_wheel(tmp_path, env)
 
@@ -94,4 +92,3 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_cli(tmp_path):
     assert Path(recipe).is_relative_to(venv)
     _run([fucina, "train", recipe, "--dry-run", "--steps", "2", "--out", outside / "run"], outside, env)
     assert (outside / "run" / "final" / "model.safetensors").is_file()
-    print(f"wheel test took {time.perf_counter() - started:.0f} s")

@@ -52,7 +52,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit samples and few-shot draws")
     parser.add_argument("--stride", type=int, help="bpb window stride in tokens (default: context length)")
     parser.add_argument(
-        "--data-dir", type=Path, help="evaluation data root (default $FUCINA_DATA_DIR or ../shared/data)"
+        "--data-dir",
+        type=Path,
+        help="evaluation data root (default $FUCINA_DATA_DIR, else ../shared/data beside the working directory)",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
