@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fucina.inference.cpu_kernels import pack_linears, packed_decoding
-from fucina.inference.generate import compiled_step
+from fucina.inference.cpu_kernels import decoding_view
+from fucina.inference.engine import compiled_forward
 from fucina.model.transformer import Transformer
 from tiny_models import VARIANTS, tiny_model
 
@@ -62,31 +62,47 @@ def test_gqa_cache_stores_only_the_kv_heads():
 
 
 @torch.inference_mode()
-def test_fixed_shape_steps_match_full_recomputation(variant_model):
-    # What compiled decoding runs: the slot is a tensor and attention reads every cache slot, masked.
+def test_per_row_steps_match_full_recomputation(variant_model):
+    # What the engine and compiled decoding run: per-row lengths, attention over every slot, masked.
     model = variant_model
     ids = _tokens(model, 16)
     full = model(ids)
     cache = model.new_cache(batch_size=2, max_length=24)  # 8 slots never filled: the mask must hide them
     pieces = [model(ids[:, :5], cache)]
+    cache.set_lengths(torch.tensor([5, 5]))
     for t in range(5, 16):
-        pieces.append(model(ids[:, t : t + 1], cache, slot=torch.tensor(cache.length)))
-        cache.length += 1
+        pieces.append(model(ids[:, t : t + 1], cache))
+    assert cache.lengths.tolist() == [16, 16]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()
-def test_fixed_shape_steps_of_left_padded_rows_match_each_row_alone(variant_model):
+def test_rows_of_different_lengths_step_as_each_row_alone(variant_model):
+    # Each prompt prefilled alone and copied into its row (the engine's join), then one step together.
     model = variant_model
     short, long = _tokens(model, 6, seed=4, batch=1)[0], _tokens(model, 9, seed=5, batch=1)[0]
-    batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
-    cache = model.new_cache(batch_size=2, max_length=16, pad_lengths=[3, 0])
-    model(batch, cache)
+    cache = model.new_cache(batch_size=2, max_length=16)
+    for row, alone in enumerate([short, long]):
+        prefill = model.new_cache(batch_size=1, max_length=alone.numel())
+        model(alone.unsqueeze(0), prefill)
+        for layer, source in zip(cache.layers, prefill.layers):
+            layer.copy_row(row, source, alone.numel())
+    cache.set_lengths(torch.tensor([6, 9]))
     nxt = torch.tensor([[5], [6]])
-    step = model(nxt, cache, slot=torch.tensor(cache.length))
+    step = model(nxt, cache)
     for row, alone in enumerate([short, long]):
         expected = model(torch.cat([alone, nxt[row]]).unsqueeze(0))[0, -1]
         torch.testing.assert_close(step[row, -1], expected, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_a_free_row_keeps_its_length_while_the_others_grow():
+    model = tiny_model(positions="rope")
+    cache = model.new_cache(batch_size=2, max_length=8)
+    cache.set_lengths(torch.tensor([3, 0]), in_use=torch.tensor([1, 0]))
+    for _ in range(5):
+        model(torch.zeros((2, 1), dtype=torch.long), cache)
+    assert cache.lengths.tolist() == [8, 0]
 
 
 ROPE_SWIGLU = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
@@ -108,10 +124,8 @@ def test_compiled_steps_match_full_recomputation(case, batch):
     full = model(ids)
     cache = model.new_cache(batch_size=batch, max_length=24)
     pieces = [model(ids[:, :5], cache)]
-    step = compiled_step(model)
-    pack_linears(model)
-    with packed_decoding():
-        for t in range(5, 14):
-            pieces.append(step(ids[:, t : t + 1], cache, slot=torch.tensor(cache.length)))
-            cache.length += 1
+    cache.set_lengths(torch.full((batch,), 5))
+    step = compiled_forward(decoding_view(model), model)
+    for t in range(5, 14):
+        pieces.append(step(ids[:, t : t + 1], cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)

@@ -8,7 +8,7 @@ import torch
 from fucina.model.attention import Attention, _explicit_is_faster, attend, attention_reference
 from fucina.model.context import ForwardContext, build_attention_mask
 from fucina.model.positions import RotaryEmbedding, apply_rotary, rope_tables, rotate_half
-from tiny_models import captured_calls, tiny_model
+from tiny_models import tiny_model
 
 
 def _qkv(heads=4, kv_heads=4, length=9, head_dim=8, batch=2, dtype=torch.float32, seed=0):
@@ -140,45 +140,3 @@ def test_cpu_bf16_training_path_masks_left_padding_per_row():
     mask = build_attention_mask(0, 9, pad_lengths=torch.tensor([3, 0]))
     expected = attention_reference(q.detach().float(), k.detach().float(), v.detach().float(), mask)
     torch.testing.assert_close(attend(q, k, v, mask).float(), expected, atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_bf16_single_query_decoding_attends_in_float32_and_returns_bf16(masked):
-    q, k, v = _qkv(heads=6, kv_heads=2, length=20, head_dim=16, dtype=torch.bfloat16)
-    q = q[:, :, -1:]  # one new token per row
-    mask = None
-    if masked:  # e.g. a left-padded row: its first 5 slots hidden
-        mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
-        mask[1, ..., :5] = False
-    out = attend(q, k, v, mask)
-    assert out.dtype == torch.bfloat16
-    reference = attention_reference(q.float(), k.float(), v.float(), mask)  # float32 math on bf16 inputs
-    assert torch.allclose(out.float(), reference, atol=1e-2, rtol=1e-2)  # only bf16's final rounding apart
-
-
-def _one_query_and_mask(masked: bool, dtype=torch.float32):
-    q, k, v = _qkv(heads=6, kv_heads=2, length=20, head_dim=16, dtype=dtype)
-    mask = None
-    if masked:  # a left-padded row (first 5 slots hidden) and unfilled cache slots (the last 3)
-        mask = torch.ones(2, 1, 1, 20, dtype=torch.bool)
-        mask[1, ..., :5] = False
-        mask[..., 17:] = False
-    return q[:, :, -1:], k, v, mask
-
-
-@pytest.mark.parametrize("masked", [False, True])
-@torch.inference_mode()
-def test_compiled_one_query_attention_equals_reference(masked):
-    q, k, v, mask = _one_query_and_mask(masked)
-    assert "scaled_dot_product_attention" not in str(captured_calls(attend, q, k, v, mask))
-    out = torch.compile(attend, dynamic=False)(q, k, v, mask)
-    torch.testing.assert_close(out, attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
-
-
-@torch.inference_mode()
-def test_compiled_one_query_attention_in_bf16_returns_bf16_close_to_reference():
-    q, k, v, mask = _one_query_and_mask(True, torch.bfloat16)
-    out = torch.compile(attend, dynamic=False)(q, k, v, mask)
-    assert out.dtype == torch.bfloat16
-    reference = attention_reference(q.float(), k.float(), v.float(), mask)
-    torch.testing.assert_close(out.float(), reference, atol=1e-2, rtol=1e-2)

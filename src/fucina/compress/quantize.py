@@ -34,7 +34,6 @@ from torch import nn
 from fucina.compress.quantized_layers import INT4_GROUP_SIZES, Int4Linear, Int8Linear
 from fucina.errors import CheckpointError, ConfigError
 from fucina.fsutil import atomic_path, staged_output, write_atomically, write_json_atomically
-from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.config import ModelConfig
 from fucina.model.io import MODEL_VERSION, load_model
 from fucina.model.transformer import Transformer
@@ -88,7 +87,7 @@ def quantizable_linears(model: Transformer) -> dict[str, nn.Linear]:
         f"blocks.{name}": module
         for name, module in model.blocks.named_modules()
         # plain projections only: other subclasses (BitNet's BitLinear) carry their own quantization
-        if type(module) in (nn.Linear, DenseLinear)
+        if type(module) is nn.Linear
     }
     if not model.config.tie_embeddings:
         layers["lm_head"] = model.lm_head

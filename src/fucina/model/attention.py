@@ -9,11 +9,11 @@ Design choices:
 - Attention runs through torch's fused scaled_dot_product_attention. Without a mask we pass
   `is_causal=True` (or nothing, for one new token), which keeps the flash/memory-efficient kernels;
   GQA then uses SDPA's `enable_gqa` when the kernel supports it, else repeats kv heads.
-- Exceptions, measured: CPU training in bf16 (see `_explicit_is_faster`) uses the written-out path,
-  because torch's CPU flash backward is several times slower there than plain bf16 matmuls; CPU
-  decoding in half precision (one query per row) attends in float32, 2.4x faster (`_decode_in_float32`);
-  compiled CPU decoding writes one-query attention as sums that inductor fuses into its own loops
-  (`_one_query_attention`: no 20-40 µs library call per layer).
+- One exception, a training concern: CPU training in half precision at moderate lengths (see
+  `_explicit_is_faster`) uses the written-out path, because torch's CPU flash backward is several times
+  slower there than plain bf16 matmuls. It needs gradients, so decoding never takes it.
+- The layer calls `self.attend`, the plain function below; decoding swaps in its own kernels per model
+  (fucina.inference.cpu_kernels), so this file holds no decoding tricks.
 - `attention_reference` is the same computation written out (scores, mask, softmax, weighted sum): the
   tests check the fused path against it.
 """
@@ -53,10 +53,6 @@ def attend(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Fused attention of q (B, H, T, hd) over k, v (B, KV, S, hd); mask is boolean, True = attend."""
-    if q.size(-2) == 1 and dropout_p == 0.0 and q.device.type == "cpu" and torch.compiler.is_compiling():
-        return _one_query_attention(q, k, v, mask)
-    if _decode_in_float32(q):  # torch's CPU bf16 kernel is slow for a lone query: 43 vs 18 µs upcast
-        return attend(q.float(), k.float(), v.float(), mask, is_causal, dropout_p).to(q.dtype)
     if dropout_p == 0.0 and _explicit_is_faster(q, k):
         hidden = None if mask is None else ~mask
         if is_causal:  # query t sits at key slot S - T + t and must not see the keys after it
@@ -73,39 +69,6 @@ def attend(
             )
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
-
-
-def _one_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """Attention of one query per row written as sums over the head and key axes, in float32.
-
-    Only for torch.compile on CPU: inductor fuses it into a few loops of its own instead of a library
-    call (the decoding step's attention). GQA: the query heads of one kv head share its keys, no copies.
-    """
-    B, H, _, hd = q.shape
-    KV = k.size(1)
-    q4 = q.float().view(B, KV, H // KV, 1, hd) * (1.0 / math.sqrt(hd))
-    scores = (q4 * k.float().unsqueeze(2)).sum(-1)  # (B, KV, n_rep, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # (B or 1, 1, 1, S) broadcasts over heads
-    probs = scores.softmax(dim=-1)
-    out = (probs.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)  # (B, KV, n_rep, hd)
-    return out.view(B, H, 1, v.size(-1)).to(q.dtype)
-
-
-def _decode_in_float32(q: torch.Tensor) -> bool:
-    """Whether to attend in float32: one new token per row, half precision, CPU, no gradient.
-
-    torch's CPU flash kernel takes 43 µs for one bf16 query over 144 keys (6 heads, 2 kv, hd 64), the
-    same call on float32 copies 18 µs including the casts; decoding makes one such call per layer.
-    """
-    return (
-        q.size(-2) == 1
-        and q.dtype in (torch.bfloat16, torch.float16)
-        and q.device.type == "cpu"
-        and not q.requires_grad
-    )
 
 
 def _explicit_is_faster(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -164,7 +127,8 @@ def _explicit_attention(
 class Attention(nn.Module):
     """Causal self-attention of one layer; `config.window(layer_index)` selects a sliding window."""
 
-    fixed_shape_decoding = True  # accepts a tensor ctx.start (see cache.py): compiled decoding works
+    fixed_shape_decoding = True  # accepts per-row slots (see cache.py): compiled decoding works
+    attend = staticmethod(attend)  # the attention function; decoding may replace it on its own copy
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -193,7 +157,7 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.layers[self.layer_index].update(k, v, ctx.start)  # (B, KV, S, hd)
         mask, is_causal = ctx.attention_mask(self.window)
-        y = attend(q, k, v, mask, is_causal, self.dropout_p if self.training else 0.0)  # (B, H, T, hd)
+        y = self.attend(q, k, v, mask, is_causal, self.dropout_p if self.training else 0.0)  # (B, H, T, hd)
         y = self.out_proj(y.transpose(1, 2).reshape(B * T, H * hd)).view(B, T, d_model)
         return y if self.resid_dropout is None else self.resid_dropout(y)
 

@@ -36,8 +36,15 @@ def build_attention_mask(
     Query t sits at slot s = start + t and attends key slots j with j <= s, j >= pad_lengths[b] (real
     tokens only) and, with a window, s - window < j. A padding query attends itself only, so its softmax
     row stays finite; no real query ever reads it. S is start + length, or `key_slots` (the whole cache)
-    when `start` is a 0-d tensor (fixed-shape decoding).
+    when `start` is a (B, T) tensor of per-row query slots.
     """
+    if isinstance(start, torch.Tensor):
+        query_slots = start.unsqueeze(-1)  # (B, T, 1)
+        keys = torch.arange(key_slots, device=device)  # (S,)
+        allowed = keys <= query_slots  # (B, T, S)
+        if window is not None:
+            allowed = allowed & (keys > query_slots - window)
+        return allowed.unsqueeze(1)  # (B, 1, T, S)
     span = key_slots if key_slots is not None else start + length
     query_slots = (start + torch.arange(length, device=device)).unsqueeze(1)  # (T, 1)
     key_slots = torch.arange(span, device=device).unsqueeze(0)  # (1, S)
@@ -55,7 +62,8 @@ def build_attention_mask(
 class ForwardContext:
     """Per-forward facts shared by all layers; see the module docstring."""
 
-    # cache slot of the first new token (0 without a cache); a 0-d tensor for fixed-shape decoding
+    # cache slot of the first new token (0 without a cache), the same for every row; or, when rows hold
+    # different lengths, the (B, T) tensor of each new token's slot
     start: int | torch.Tensor
     length: int  # number of new tokens T
     positions: Positions  # slice(start, end) or (B, T) position ids
@@ -69,13 +77,13 @@ class ForwardContext:
         """(mask, is_causal) for scaled_dot_product_attention over keys 0..start+length.
 
         No mask at all when SDPA's own `is_causal` (a fresh, unpadded sequence) or nothing (one new
-        token attending every cached key) says the same thing: that keeps the fused kernels. With a
-        tensor `start` the keys are every slot of the cache and the mask always hides the unfilled ones.
+        token attending every cached key) says the same thing: that keeps the fused kernels. With per-row
+        slots the keys are every slot of the cache and the mask always hides each row's unfilled ones.
         """
         if isinstance(self.start, torch.Tensor):
             if window not in self._masks:
                 self._masks[window] = build_attention_mask(
-                    self.start, self.length, self.pad_lengths, window, self.device, self.cache.max_length
+                    self.start, self.length, None, window, self.device, self.cache.max_length
                 )
             return self._masks[window], False
         end = self.start + self.length

@@ -3,8 +3,8 @@
 Why a factory: quantization-aware variants (BitNet's ternary BitLinear) replace every projection of the
 attention and feed-forward without touching those modules: register a class with nn.Linear's signature
 `(in_features, out_features, bias=...)` in LINEARS. Embeddings and the LM head stay plain (as in BitNet).
-Registered: "dense" (nn.Linear, as DenseLinear: decodes through packed weights on CPU, packed_linear.py),
-"bitnet" (BitNet b1.58's BitLinear, bitnet.py).
+Registered: "dense" (plain nn.Linear; decoding swaps in faster kernels on its own copy of the model,
+fucina.inference.cpu_kernels), "bitnet" (BitNet b1.58's BitLinear, bitnet.py).
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.bitnet import BitLinear
 
 if TYPE_CHECKING:
     from fucina.model.config import ModelConfig
 
-LINEARS: dict[str, type[nn.Module]] = {"dense": DenseLinear, "bitnet": BitLinear}
+LINEARS: dict[str, type[nn.Module]] = {"dense": nn.Linear, "bitnet": BitLinear}
 
 
 def make_linear(

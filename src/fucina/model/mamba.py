@@ -232,6 +232,11 @@ class MambaState:
         self.conv = torch.zeros((batch_size, inner, d_conv - 1), device=device, dtype=dtype)
         self.ssm = torch.zeros((batch_size, inner, d_state), device=device, dtype=torch.float32)
 
+    def copy_row(self, row: int, source: MambaState, length: int) -> None:
+        """Row `row` takes row 0's state of `source` (a prompt prefilled alone); its length is moot."""
+        self.conv[row] = source.conv[0]
+        self.ssm[row] = source.ssm[0]
+
 
 class Mamba(nn.Module):
     """The selective state-space mixer of one layer (registered as mixer "mamba")."""
@@ -271,7 +276,9 @@ class Mamba(nn.Module):
         B, T, _ = x.shape
         u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
         state: MambaState | None = None if ctx.cache is None else ctx.cache.layers[self.layer_index]
-        resume = state is not None and ctx.start > 0  # continue from the cached state
+        # Continue from the cached state; with per-row slots (a tensor start) every row does: a row that
+        # starts afresh holds a zero state, which is what an empty history means.
+        resume = state is not None and (isinstance(ctx.start, torch.Tensor) or ctx.start > 0)
         real = None
         if ctx.pad_lengths is not None:  # left padding must leave the state empty
             slots = torch.arange(ctx.start, ctx.start + T, device=x.device)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fucina.model.attention import attend
+from fucina.model.cache import write_rows
 from fucina.model.linear import make_linear
 from fucina.model.norms import RMSNorm
 from fucina.model.positions import RotaryEmbedding, apply_rotary
@@ -59,21 +60,26 @@ class LatentKV:
         self, latents: torch.Tensor, rope_keys: torch.Tensor, start: int | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, T, ·) at slots start..start+T; return every filled slot (all, for a tensor start)."""
-        if isinstance(start, torch.Tensor):  # fixed-shape decoding, as in cache.LayerKV
-            slots = start + torch.arange(latents.size(1), device=start.device)
-            self.latents.index_copy_(1, slots, latents)
-            self.rope_keys.index_copy_(1, slots, rope_keys)
+        if isinstance(start, torch.Tensor):  # per-row (B, T) slots, as in cache.LayerKV
+            write_rows(self.latents, latents, start, 1)
+            write_rows(self.rope_keys, rope_keys, start, 1)
             return self.latents, self.rope_keys
         end = start + latents.size(1)
         self.latents[:, start:end] = latents
         self.rope_keys[:, start:end] = rope_keys
         return self.latents[:, :end], self.rope_keys[:, :end]  # (B, end, kv rank), (B, end, rope)
 
+    def copy_row(self, row: int, source: LatentKV, length: int) -> None:
+        """Row `row` takes the first `length` slots of row 0 of `source` (a prompt prefilled alone)."""
+        self.latents[row, :length] = source.latents[0, :length]
+        self.rope_keys[row, :length] = source.rope_keys[0, :length]
+
 
 class LatentAttention(nn.Module):
     """Multi-head latent attention of one layer (registered as mixer "mla")."""
 
-    fixed_shape_decoding = True  # accepts a tensor ctx.start: compiled decoding works
+    fixed_shape_decoding = True  # accepts per-row slots: compiled decoding works
+    attend = staticmethod(attend)  # the attention function; decoding may replace it on its own copy
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -125,7 +131,7 @@ class LatentAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T or S, ·)
         mask, is_causal = ctx.attention_mask(self.window)
         # (B, H, T, v); scale 1/sqrt(nope + rope), q's size; `attend` picks the fastest kernel
-        y = attend(q, k, v, mask, is_causal, self.dropout_p if self.training else 0.0)
+        y = self.attend(q, k, v, mask, is_causal, self.dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.value_dim)
         return self.resid_dropout(self.out_proj(y))
 

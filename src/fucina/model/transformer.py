@@ -25,7 +25,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fucina.inference.cpu_kernels import DenseLinear
 from fucina.model.block import Block
 from fucina.model.cache import KVCache
 from fucina.model.config import ModelConfig
@@ -53,7 +52,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()  # no call cost
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = build_norm(config)
-        self.lm_head = DenseLinear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.init_weights()
@@ -83,7 +82,6 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor,
         cache: KVCache | None = None,
         last_only: bool = False,
-        slot: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for input_ids (B, T); (B, 1, vocab) with last_only.
@@ -91,9 +89,8 @@ class Transformer(nn.Module):
         With `labels` (B, T), already shifted, IGNORE_INDEX where not trained: instead of logits, the
         summed next-token loss in nats (a float32 scalar), computed without float32 logits (loss.py).
 
-        `slot` (a 0-d tensor, with a cache): write the new tokens at that slot and attend over the whole
-        cache, so every step has the same shapes (what torch.compile'd decoding needs); the caller then
-        advances `cache.length` itself.
+        With a cache the new tokens are appended to each row's cached sequence: at one common offset
+        when the rows agree (`cache.length`), else at each row's own length (`cache.lengths`).
         """
         B, T = input_ids.shape
         if labels is not None and (last_only or labels.shape != input_ids.shape):
@@ -101,8 +98,11 @@ class Transformer(nn.Module):
                 f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)} (not last_only)"
             )
         pad_lengths = cache.pad_lengths if cache is not None and cache.padded else None
-        positions: slice | torch.Tensor | None = None
-        if slot is None:
+        positions: slice | torch.Tensor
+        if cache is not None and cache.length is None:  # per-row lengths: the slots are a tensor
+            start = cache.lengths.unsqueeze(1) + torch.arange(T, device=input_ids.device)  # (B, T)
+            positions = start.clamp(max=self.config.context_length - 1)  # a free row may sit anywhere
+        else:
             start = 0 if cache is None else cache.length
             end = start + T
             limit = self.config.context_length if cache is None else cache.max_length
@@ -112,18 +112,11 @@ class Transformer(nn.Module):
                 )
             if pad_lengths is None:
                 positions = slice(start, end)  # every row at the same offsets
-            else:
+            else:  # left-padded rows count from their first real token
                 slots = torch.arange(start, end, device=input_ids.device)
-        else:
-            if cache is None:
-                raise ValueError("a slot needs a cache")
-            start = slot
-            slots = slot + torch.arange(T, device=input_ids.device)  # (T,)
-        if positions is None:  # positions as a tensor; left-padded rows count from their first real token
-            positions = (
-                slots.unsqueeze(0) if pad_lengths is None else slots.unsqueeze(0) - pad_lengths.unsqueeze(1)
-            )
-            positions = positions.clamp(0, self.config.context_length - 1)  # (1 or B, T)
+                positions = (slots.unsqueeze(0) - pad_lengths.unsqueeze(1)).clamp(
+                    0, self.config.context_length - 1
+                )
 
         x = self.token_embedding(input_ids)  # (B, T, d_model)
         if self.position_embedding is not None:
@@ -140,13 +133,13 @@ class Transformer(nn.Module):
         )
         for block in self.blocks:
             x = block(x, ctx)
-        if cache is not None and slot is None:
-            cache.length = end
+        if cache is not None:
+            cache.advance(T)
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
         if labels is not None:
-            if type(self.lm_head) is DenseLinear:  # a plain matrix (not quantized, not an adapter)
+            if type(self.lm_head) is nn.Linear:  # a plain matrix (not quantized, not an adapter)
                 return linear_cross_entropy_sum(x, self.lm_head.weight, labels)
             return cross_entropy_sum(self.lm_head(x), labels)
         return self.lm_head(x)  # (B, T, vocab)
@@ -186,7 +179,7 @@ class Transformer(nn.Module):
             block.mixer.new_layer_cache(batch_size, max_length, weight.device, dtype or weight.dtype)
             for block in self.blocks
         ]
-        return KVCache(layers, max_length, pads)
+        return KVCache(layers, max_length, batch_size, weight.device, pads)
 
 
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:

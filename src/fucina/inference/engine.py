@@ -1,0 +1,247 @@
+"""The decoding engine: a fixed number of cache rows that requests join and leave (continuous batching).
+
+Design choices:
+- One cache of `max_batch` rows and `max_length` slots, allocated once. Each row holds one request's
+  sequence at its own length (model/cache.py), so a request joins a running batch as soon as a row is
+  free and leaves it the moment it finishes, without waiting for the others.
+- A joining prompt is prefilled alone (batch 1, its own small cache) and its keys/values, latents or
+  state-space state are copied into its row (each layer cache's `copy_row`); then it decodes beside the
+  others, one token per step. Every mixer (attention, latent attention, Mamba) supports this.
+- `add(prompt, sampling)` queues a request and returns its id; `step()` admits queued requests into
+  free rows, reports one event per running request (its next token, and why it finished, if it did)
+  and runs one batched forward for the requests still running. A request ends on a stop token (not
+  output: the event's token is None), when its `max_new_tokens` are out ("length") or when its
+  sequence fills the context or the cache ("context").
+- Each request samples with its own SamplingConfig and its own torch.Generator seeded with its seed:
+  a seeded request yields the same tokens alone or beside others.
+- When every running row holds the same length the cache is told so (one common `length`): eager steps
+  then slice the filled prefix and attend without a mask, the fast path at batch 1. Rows of different
+  lengths use per-row lengths and a mask over every slot.
+- Decoding runs the model's decoding view (inference/cpu_kernels.py: packed weights, one-query
+  attention kernels), never the model itself, under torch.inference_mode.
+- `compile=True` runs each step through torch.compile: the shapes never change (every row, every slot,
+  per-row lengths as a tensor), so one compilation serves the whole run. Prompts are still prefilled
+  eagerly. At batch 1 a small model's step is a few hundred tiny kernels whose dispatch costs more
+  than their arithmetic; compiled, they fuse into a few dozen, and on CPU the one-row products and the
+  one-query attention become inductor's own loops (cpu_kernels.py). Compiling takes tens of seconds
+  once per process and shape (inductor's disk cache shortens later runs), so it pays off for long
+  generations, chat sessions and servers; a model with a mixer that cannot decode at fixed shapes
+  (Mamba) decodes eagerly, with a warning.
+- The host learns each step's tokens (it must, to report them), one synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from fucina.errors import FucinaError
+from fucina.inference.cpu_kernels import DecodingView, decoding_view
+from fucina.inference.sampling import SamplingConfig, choose_next_tokens
+from fucina.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one step did for one request: its new token (None when it stopped on a stop token)."""
+
+    request_id: int
+    token: int | None
+    finished: str | None = None  # None while running; "stop", "length" or "context" once done
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    sampling: SamplingConfig
+    budget: int  # tokens it may produce: max_new_tokens, or fewer where the context ends first
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # (1, vocab) tokens so far, for the repetition penalty
+    produced: int = 0
+    next_token: int | None = None  # sampled, not yet reported
+    row: int = -1
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+def compiled_forward(view: DecodingView, model: Transformer) -> object | None:
+    """torch.compile of the view's forward for fixed-shape steps (one per model, reused).
+
+    None, with a warning, when a mixer cannot decode at fixed shapes.
+    """
+    unsupported = sorted(
+        {type(b.mixer).__name__ for b in model.blocks if not getattr(b.mixer, "fixed_shape_decoding", False)}
+    )
+    if unsupported:
+        log.warning("compiled decoding does not support %s layers: decoding eagerly", ", ".join(unsupported))
+        return None
+    if view.compiled_forward is None:
+        view.compiled_forward = torch.compile(view.module.forward, dynamic=False)
+    return view.compiled_forward
+
+
+def check_prompt(model: Transformer, prompt: list[int], limit: int, name: str = "the prompt") -> None:
+    """Raise FucinaError unless `prompt` is 1..limit tokens of the model's vocabulary."""
+    vocab, context = model.config.vocab_size, model.config.context_length
+    if len(prompt) == 0:
+        raise FucinaError(f"{name} is empty: give at least one token (e.g. BOS)")
+    if len(prompt) > limit:
+        cache = "" if limit >= context else f" and the cache holds {limit}"
+        raise FucinaError(f"{name} has {len(prompt)} tokens but the model's context is {context}{cache}")
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise FucinaError(f"{name} holds token ids outside the model's vocabulary 0..{vocab - 1}")
+
+
+class Engine:
+    """Continuous batching over one model: `max_batch` rows of `max_length` cache slots."""
+
+    def __init__(
+        self, model: Transformer, max_batch: int = 1, max_length: int | None = None, compile: bool = False
+    ):
+        if max_batch < 1:
+            raise FucinaError(f"the engine needs at least one row, got max_batch={max_batch}")
+        self.model = model
+        self.view = decoding_view(model)
+        self.context = model.config.context_length
+        self.max_length = self.context if max_length is None else max_length
+        step = compiled_forward(self.view, model) if compile else None
+        self.fixed_shapes = step is not None  # per-row lengths always: the compiled step never reshapes
+        self.forward = step if step is not None else self.view.module
+        self.device = model.token_embedding.weight.device
+        with torch.inference_mode():
+            self.cache = model.new_cache(max_batch, max_length=self.max_length)
+        self.rows: list[_Request | None] = [None] * max_batch
+        self.lengths = [0] * max_batch  # filled slots per row, as the host knows them
+        self.waiting: deque[_Request] = deque()
+        self.ids = itertools.count()
+        self.layout_changed = True  # a row joined or left since the cache was last told the lengths
+
+    def add(self, prompt: list[int], sampling: SamplingConfig) -> int:
+        """Queue a request; it joins the batch at the next step with a free row. Returns its id."""
+        check_prompt(self.model, prompt, min(self.context, self.max_length))
+        # Its sequence must fit the context, and every token but the last must fit the cache.
+        room = min(self.context - len(prompt), self.max_length - len(prompt) + 1)
+        request = _Request(
+            id=next(self.ids),
+            prompt=list(prompt),
+            sampling=sampling,
+            budget=min(sampling.max_new_tokens, room),
+            stop_ids=frozenset(sampling.stop_token_ids),
+        )
+        if sampling.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        self.waiting.append(request)
+        return request.id
+
+    @property
+    def idle(self) -> bool:
+        """Whether no request is running or waiting."""
+        return not self.waiting and all(r is None for r in self.rows)
+
+    def step(self) -> list[StepEvent]:
+        """Admit waiting requests, report one event per running request, decode one token for each."""
+        with torch.inference_mode():
+            self._admit()
+            events = []
+            feeding = []
+            for request in self.rows:
+                if request is None:
+                    continue
+                event = self._report(request)
+                events.append(event)
+                if event.finished is None:
+                    feeding.append(request)
+                else:
+                    self._free(request)
+            if feeding:
+                self._decode(feeding)
+        return events
+
+    def _admit(self) -> None:
+        """Prefill waiting requests alone and copy their caches into free rows."""
+        for row, occupant in enumerate(self.rows):
+            if not self.waiting:
+                return
+            if occupant is not None:
+                continue
+            request = self.waiting.popleft()
+            request.row = row
+            self.rows[row] = request
+            if request.budget == 0:
+                continue  # nothing to produce: reported finished at once
+            ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
+            if request.sampling.repetition_penalty != 1.0:
+                request.seen = torch.zeros(
+                    (1, self.model.config.vocab_size), dtype=torch.bool, device=self.device
+                )
+                request.seen[0, ids[0]] = True
+            prefill = self.model.new_cache(1, max_length=len(request.prompt))
+            logits = self.view.module(ids, prefill, last_only=True)[:, -1]  # (1, vocab)
+            for layer, source in zip(self.cache.layers, prefill.layers):
+                layer.copy_row(row, source, len(request.prompt))
+            self.lengths[row] = len(request.prompt)
+            self.layout_changed = True
+            request.next_token = self._sample(request, logits)
+
+    def _report(self, request: _Request) -> StepEvent:
+        """The event for the token `request` sampled last; counts it against its budget."""
+        if request.budget == 0:
+            return StepEvent(request.id, None, "length")
+        token = request.next_token
+        if token in request.stop_ids:
+            return StepEvent(request.id, None, "stop")
+        request.produced += 1
+        if request.produced == request.budget:
+            reason = "length" if request.produced == request.sampling.max_new_tokens else "context"
+            return StepEvent(request.id, token, reason)
+        return StepEvent(request.id, token)
+
+    def _free(self, request: _Request) -> None:
+        self.rows[request.row] = None
+        self.lengths[request.row] = 0
+        self.layout_changed = True
+
+    def _decode(self, feeding: list[_Request]) -> None:
+        """One forward for every row (free rows compute on a dummy token), then sample per request."""
+        if self.layout_changed:
+            self._tell_cache_the_lengths()
+        tokens = [0] * len(self.rows)
+        for request in feeding:
+            tokens[request.row] = request.next_token
+            self.lengths[request.row] += 1
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
+        logits = self.forward(ids, self.cache, last_only=True)[:, -1]  # (B, vocab)
+        if all(r.sampling.is_greedy and r.sampling.repetition_penalty == 1.0 for r in feeding):
+            chosen = logits.argmax(dim=-1).tolist()  # one call for the whole batch
+            for request in feeding:
+                request.next_token = chosen[request.row]
+        else:
+            for request in feeding:
+                request.next_token = self._sample(request, logits[request.row : request.row + 1])
+
+    def _tell_cache_the_lengths(self) -> None:
+        """One common length when the running rows agree (eager only), else per-row lengths."""
+        running = [r.row for r in self.rows if r is not None]
+        common = {self.lengths[row] for row in running}
+        if not self.fixed_shapes and len(common) == 1:
+            self.cache.length = common.pop()
+        else:
+            in_use = [0] * len(self.rows)
+            for row in running:
+                in_use[row] = 1
+            self.cache.set_lengths(
+                torch.tensor(self.lengths, device=self.device), torch.tensor(in_use, device=self.device)
+            )
+        self.layout_changed = False
+
+    def _sample(self, request: _Request, logits: torch.Tensor) -> int:
+        token = choose_next_tokens(logits, request.sampling, request.seen, request.generator)
+        if request.seen is not None:
+            request.seen[0, token] = True
+        return int(token[0])
