@@ -27,10 +27,14 @@ import torch
 
 
 def write_rows(buffer: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, dim: int) -> None:
-    """buffer[b, ..., slots[b, t], ...] = new[b, ..., t, ...] along `dim`; slots is (B, T)."""
-    shape = [1] * new.dim()
-    shape[0], shape[dim] = slots.size(0), slots.size(1)
-    buffer.scatter_(dim, slots.view(shape).expand(new.shape), new)
+    """buffer[b, ..., slots[b, t], ...] = new[b, ..., t, ...] along `dim`; slots is (B, T).
+
+    Written as an indexed assignment (index_put_), which torch.compile updates in place; a scatter
+    would make it copy the whole buffer every step.
+    """
+    rows = torch.arange(slots.size(0), device=slots.device).unsqueeze(1)  # (B, 1)
+    index = (rows, *([slice(None)] * (dim - 1)), slots)
+    buffer[index] = new.movedim(dim, 1)  # the indexed axes come first: (B, T, ...)
 
 
 class LayerKV:
