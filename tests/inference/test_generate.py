@@ -167,5 +167,5 @@ def test_compiled_steps_generate_what_eager_steps_generate(variant):
 
     model = tiny_model(**VARIANTS[variant])
     sampling = SamplingConfig(max_new_tokens=12, greedy=True)
-    prompts = PROMPTS[:2]  # two lengths: left padding too
+    prompts = PROMPTS[:2]  # two lengths: rows of different lengths too
     assert generate(model, prompts, sampling, compile=True) == generate(model, prompts, sampling)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +71,7 @@ class _Request:
     stop_ids: frozenset[int] = field(default_factory=frozenset)
 
 
-def compiled_forward(view: DecodingView, model: Transformer) -> object | None:
+def compiled_forward(view: DecodingView, model: Transformer) -> Callable | None:
     """torch.compile of the view's forward for fixed-shape steps (one per model, reused).
 
     None, with a warning, when a mixer cannot decode at fixed shapes.
