@@ -49,6 +49,7 @@ def test_the_model_keeps_plain_linears_and_the_view_shares_their_weights():
     view = decoding_view(model).module
     assert type(model.lm_head) is torch.nn.Linear and type(view.lm_head) is PackedLinear
     assert view.lm_head.linear is model.lm_head
+    assert view.token_embedding is model.token_embedding  # nothing to swap: the model's own module
     assert {id(p) for p in view.parameters()} <= {id(p) for p in model.parameters()}
     assert set(model.state_dict()) == set(tiny_model().state_dict())
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # nothing extra to copy

@@ -8,8 +8,9 @@ weight ("packed" once, with `mkldnn._reorder_linear_weight`) streams it several 
 same numbers up to float rounding (~1e-5).
 
 - The model itself stays plain (nn.Linear, SDPA). `decoding_view(model)` builds, once per model, a copy
-  of its module tree that shares every parameter and buffer with it, in which each plain nn.Linear is a
-  `PackedLinear` and each attention layer's `attend` is `decode_attend`. Decoding runs the view; the
+  of its module tree that shares every parameter and buffer with it (and every module with nothing to
+  swap), in eval mode, in which each plain nn.Linear is a `PackedLinear` and each attention layer's
+  `attend` is `decode_attend`. Decoding runs the view; the
   model is never modified, so training it, running it plainly, or decoding another model in another
   thread at the same time is unaffected: no flag, no state outside the view.
 - The view's packed copies are remade before each generation (`DecodingView.refresh`) whenever a weight
@@ -103,6 +104,7 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         object.__setattr__(self, "linear", linear)  # not a submodule: the view never changes its mode
+        self.training = False
         self.out_features = linear.out_features
         self.packed: torch.Tensor | None = None  # oneDNN copy of the weight, made by repack
         self.packed_key: tuple | None = None  # (storage address, version) of the weight it was made from
@@ -178,14 +180,25 @@ def decode_attend(
 
 
 def _decoding_copy(module: nn.Module) -> nn.Module:
-    """A copy of `module`'s tree sharing its parameters and buffers, with the decoding kernels in."""
+    """`module` with the decoding kernels in: copies along the way to a swap, the rest shared as is.
+
+    A copy is shallow (it shares the _parameters and _buffers dicts: no weight is copied) and in eval
+    mode, as are copied dropouts; a module with nothing to swap below it (an embedding, a norm, a
+    quantized layer with its own kernel state) is the model's own object, so it never goes stale.
+    """
     if type(module) is nn.Linear:
         return PackedLinear(module)
-    clone = copy.copy(module)  # shares the _parameters and _buffers dicts: no weight is copied
-    clone._modules = {
+    children = {
         name: None if child is None else _decoding_copy(child) for name, child in module._modules.items()
     }
-    if hasattr(type(module), "attend"):
+    swaps_attend = hasattr(type(module), "attend")
+    unchanged = all(new is old for new, old in zip(children.values(), module._modules.values()))
+    if unchanged and not swaps_attend and not isinstance(module, nn.Dropout):
+        return module
+    clone = copy.copy(module)
+    clone._modules = children
+    clone.training = False
+    if swaps_attend:
         clone.attend = decode_attend
     return clone
 
@@ -200,7 +213,7 @@ class DecodingView:
 
     def __init__(self, model: nn.Module):
         self.tree = _tree_of(model)
-        self.module = _decoding_copy(model).eval()
+        self.module = _decoding_copy(model)
         self.compiled_forward: Callable | None = None
 
     def refresh(self) -> None:
