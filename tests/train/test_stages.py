@@ -16,8 +16,8 @@ from train_helpers import tiny_config
 
 
 def test_an_unknown_stage_is_refused_naming_the_known_ones():
-    with pytest.raises(ConfigError, match=r"unknown stage 'dpo' \(known: pretrain, sft\)"):
-        config_from_dict(tiny_config(None, stage="dpo"))
+    with pytest.raises(ConfigError, match=r"unknown stage 'rlhf' \(known: pretrain, sft, dpo, distill\)"):
+        config_from_dict(tiny_config(None, stage="rlhf"))
     assert get_stage("sft").builtin_corpus == "chat" and get_stage("pretrain").builtin_corpus == "prose"
 
 
@@ -36,7 +36,7 @@ class CountingObjective(LanguageModelingObjective):
 
 def test_a_new_row_trains_with_its_own_objective(tmp_path, tokenizer_dir, monkeypatch):
     objective = CountingObjective()
-    row = replace(STAGES["pretrain"], name="counting", objective=lambda: objective)
+    row = replace(STAGES["pretrain"], name="counting", objective=lambda config, frozen: objective)
     monkeypatch.setitem(STAGES, "counting", row)
     config = tiny_config(
         tokenizer_dir, stage="counting", train={"max_steps": 2, "grad_accum": 2}, eval={"every": 0}

@@ -21,15 +21,17 @@ Design choices:
   atomically by `pack_corpus`); a resumed run reuses it after checking it was made by this tokenizer.
 - Bits per byte: pretraining uses the UTF-8 bytes per token of the validation split (from meta.json);
   SFT counts the bytes of the supervised tokens themselves (assistant text; special tokens count 0).
-- Each stage's data builder (`build_pretrain_data`, `build_sft_data`) is named by the stage table
-  (train/stages.py); nothing here branches on the stage's name.
+- Each stage's data builder (`build_pretrain_data`, `build_sft_data`, `build_preference_data`,
+  `build_distill_data`) is named by the stage table (train/stages.py); nothing here branches on the
+  stage's name. Preference pairs reuse the SFT batching with their own collate (chosen rows, then
+  rejected rows); distillation reads text or conversations as `distill.data` says.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 PACKED_DIR = "data"
 PACKED_VAL_DIR = "data-val"
 Batch = dict[str, torch.Tensor]
+Collate = Callable[[Sequence[Mapping[str, Sequence[int]]], int], Batch]  # (examples, pad id) -> batch
 
 
 @dataclass
@@ -346,10 +349,12 @@ class SFTBatches:
         pad_id: int,
         grad_accum: int = 1,
         shard: DataShard = DataShard(),
+        collate: Collate | None = None,
     ):
-        from fucina.data.sft import LengthGroupedSampler
+        from fucina.data.sft import LengthGroupedSampler, collate_batch
 
         self.dataset, self.batch_size, self.pad_id = dataset, batch_size, pad_id
+        self.collate = collate or collate_batch
         self.grad_accum, self.shard = grad_accum, shard
         if len(dataset) == 0:
             raise DataError("no training conversation has a supervised token (all too long or empty?)")
@@ -390,11 +395,9 @@ class SFTBatches:
 
     def next_step(self, position: DataPosition) -> tuple[list[Batch], DataPosition]:
         """This rank's `grad_accum` micro-batches of the step starting at `position`, and the next position."""
-        from fucina.data.sft import collate_batch
-
         groups, after = self.step_groups(position)
         mine = self.shard.slice_of(groups, self.grad_accum)
-        return [collate_batch([self.dataset[i] for i in group], self.pad_id) for group in mine], after
+        return [self.collate([self.dataset[i] for i in group], self.pad_id) for group in mine], after
 
 
 class SFTValidation:
@@ -407,17 +410,19 @@ class SFTValidation:
         batch_size: int,
         pad_id: int,
         shard: DataShard = DataShard(),
+        collate: Collate | None = None,
     ):
+        from fucina.data.sft import collate_batch
+
         self.dataset, self.batch_size, self.pad_id, self.shard = dataset, batch_size, pad_id, shard
+        self.collate = collate or collate_batch
         if len(dataset) == 0:
             raise DataError("no validation conversation has a supervised token")
-        self.order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+        self.order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
         self.bytes = [_supervised_bytes(tokenizer, dataset[i]["labels"]) for i in range(len(dataset))]
 
     def batches(self, max_batches: int | None) -> Iterator[tuple[Batch, float]]:
         """This rank's share of the first `max_batches` validation batches, with their byte counts."""
-        from fucina.data.sft import collate_batch
-
         for number, start in enumerate(range(0, len(self.order), self.batch_size)):
             if max_batches is not None and number >= max_batches:
                 return
@@ -425,7 +430,7 @@ class SFTValidation:
                 continue
             indices = self.order[start : start + self.batch_size]
             yield (
-                collate_batch([self.dataset[i] for i in indices], self.pad_id),
+                self.collate([self.dataset[i] for i in indices], self.pad_id),
                 float(sum(self.bytes[i] for i in indices)),
             )
 
@@ -531,6 +536,57 @@ def build_sft_data(
         f"{len(val_set):,} validation conversations"
     )
     return StageData(batches, val, summary)
+
+
+def build_preference_data(
+    config: TrainConfig,
+    run_dir: Path,
+    tokenizer: FucinaTokenizer,
+    context_length: int,
+    shard: DataShard = DataShard(),
+) -> StageData:
+    """DPO: preference pairs (data/preferences.py), held out by the same seeded rule as conversations."""
+    from fucina.data.preferences import PreferenceDataset, collate_pairs, read_preference_pairs
+
+    eval_batch = config.eval.batch_size or config.train.batch_size
+    if tokenizer.pad_id is None:
+        raise TokenizerError(f"the {tokenizer.template.name!r} tokenizer has no pad token, needed for DPO")
+    pairs = list(islice(read_preference_pairs(config.data.train), config.data.max_documents))
+    if config.data.val:
+        train_pairs, val_pairs = pairs, list(read_preference_pairs(config.data.val))
+    else:
+        train_pairs, val_pairs = _split_conversations(pairs, config)
+    train_set = PreferenceDataset(train_pairs, tokenizer, context_length)
+    val_set = PreferenceDataset(val_pairs, tokenizer, context_length)
+    if len(train_set) == 0:
+        raise DataError("no training preference pair is usable (identical answers or nothing scored)")
+    batches = SFTBatches(
+        train_set,
+        config.train.batch_size,
+        config.train.seed,
+        tokenizer.pad_id,
+        config.train.grad_accum,
+        shard,
+        collate_pairs,
+    )
+    val = SFTValidation(val_set, tokenizer, eval_batch, tokenizer.pad_id, shard, collate_pairs)
+    summary = (
+        f"{len(train_set):,} training preference pairs ({train_set.dropped} dropped), "
+        f"{len(val_set):,} validation pairs"
+    )
+    return StageData(batches, val, summary)
+
+
+def build_distill_data(
+    config: TrainConfig,
+    run_dir: Path,
+    tokenizer: FucinaTokenizer,
+    context_length: int,
+    shard: DataShard = DataShard(),
+) -> StageData:
+    """Distillation: packed text windows (`distill.data: text`) or conversations (`chat`)."""
+    builder = build_sft_data if config.distill.data == "chat" else build_pretrain_data
+    return builder(config, run_dir, tokenizer, context_length, shard)
 
 
 def epochs_to_steps(epochs: float, batches_per_epoch: float, micro_batches_per_step: int) -> int:

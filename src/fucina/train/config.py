@@ -126,6 +126,29 @@ class LogSection:
 
 
 @dataclass
+class DPOSection:
+    """Preference optimisation (stage dpo): the frozen reference and the loss (train/dpo.py)."""
+
+    reference: str | None = None  # a model or run directory; None: init_from, the policy's start
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None  # weight of the SFT term on the chosen answer (RPO); None: off
+
+
+@dataclass
+class DistillSection:
+    """Knowledge distillation (stage distill): the frozen teacher and the loss (train/distill.py)."""
+
+    teacher: str | None = None  # a model or run directory sharing the student's tokenizer
+    data: Literal["text", "chat"] = "text"  # packed text windows or conversations
+    alpha: float = 0.5  # weight of the cross-entropy on the labels; 1 - alpha goes to the teacher
+    temperature: float = 1.0
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = 0.5  # the generalised JSD's mixture weight (divergence: jsd)
+
+
+@dataclass
 class TrainConfig:
     """Everything one training stage needs; saved resolved as <run>/train_config.yaml."""
 
@@ -140,6 +163,8 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def validate(self) -> TrainConfig:
         """Check cross-field rules; raises ConfigError naming the key."""
@@ -191,7 +216,27 @@ class TrainConfig:
             raise ConfigError(
                 "set init_from or tokenizer.path, not both: a run initialised from a model reuses its tokenizer"
             )
+        self._validate_post_training()
         return self
+
+    def _validate_post_training(self) -> None:
+        dpo, distill = self.dpo, self.distill
+        if dpo.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {dpo.beta}")
+        if not 0.0 <= dpo.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
+        if dpo.rpo_alpha is not None and dpo.rpo_alpha < 0:
+            raise ConfigError(f"dpo.rpo_alpha must be >= 0, got {dpo.rpo_alpha}")
+        if self.stage == "dpo" and self.init_from is None:
+            raise ConfigError("stage dpo needs init_from (the policy starts from a trained chat model)")
+        if not 0.0 <= distill.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {distill.alpha}")
+        if distill.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {distill.temperature}")
+        if not 0.0 <= distill.beta <= 1.0:
+            raise ConfigError(f"distill.beta must be in [0, 1], got {distill.beta}")
+        if self.stage == "distill" and distill.teacher is None:
+            raise ConfigError("stage distill needs distill.teacher (a model or run directory)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -213,7 +258,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     data = copy.deepcopy(data)
     if isinstance(data.get("init_from"), str):
         data["init_from"] = fix(data["init_from"])
-    for section, keys in (("tokenizer", ("path", "inputs")), ("data", ("train", "val", "exclude"))):
+    for section, keys in (
+        ("tokenizer", ("path", "inputs")),
+        ("data", ("train", "val", "exclude")),
+        ("dpo", ("reference",)),
+        ("distill", ("teacher",)),
+    ):
         node = data.get(section)
         if not isinstance(node, dict):
             continue

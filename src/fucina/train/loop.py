@@ -20,6 +20,12 @@ Design choices:
   WHOLE step, so a step's gradient is that of the token-mean loss over all its micro-batches.
 - Precision: fp32 master weights always. bf16 autocast (CPU or CUDA) needs no loss scaling; fp16 autocast
   only on CUDA with GradScaler (CPU fp16 is refused).
+- A stage that needs a frozen second model (DPO's reference, distillation's teacher) gets it loaded once
+  from the config's path, in eval mode with requires_grad off (bf16 on a GPU that has it, else fp32),
+  never saved in checkpoints: a resumed run reloads the same weights. Its tokenizer must be the run's
+  (same vocabulary and ids), or the two models' token distributions would not compare.
+- An objective's `unit_sums` are reported as means per unit of the step (training) or of the
+  validation set (evaluation); its plain `logs` are summed over the step's micro-batches.
 - `kill_after_step` is a debugging/testing aid: the process SIGKILLs itself right after that step, with
   no chance to clean up, like a power cut.
 """
@@ -78,6 +84,7 @@ class EvalResult:
     val_ppl: float
     val_bpb: float
     val_tokens: int
+    objective: dict[str, float] = field(default_factory=dict)  # the objective's unit_sums, per unit
 
 
 @dataclass
@@ -215,6 +222,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _eval_values(result: EvalResult) -> dict[str, Any]:
+    """An evaluation as flat values (the objective's own values beside the loss) for logs and info."""
+    values = asdict(result)
+    return {**values, **values.pop("objective")}
+
+
 # --- the loop ---------------------------------------------------------------------------------------------
 
 
@@ -238,8 +251,8 @@ class Trainer:
         if config.init_from is not None:
             inherited_model, inherited_tokenizer = load_pretrained(config.init_from)
         self.stage = get_stage(config.stage)
-        self.objective = self.stage.objective()
         self.tokenizer = prepare_tokenizer(config, run.path, inherited_tokenizer, self.stage.builtin_corpus)
+        self.objective = self.stage.objective(config, self._load_frozen_model())
         if inherited_model is not None:
             model = _model_with_overrides(inherited_model, config.model)
             _check_vocab(self.tokenizer, model.config, f"init_from {config.init_from}")
@@ -287,6 +300,26 @@ class Trainer:
         self.metrics = MetricsLogger(
             run.path, config.stage, self.progress.step, config.log.tensorboard, config.log.plot
         )
+
+    def _load_frozen_model(self) -> Transformer | None:
+        """The stage's reference or teacher model, frozen on the device; None if the stage needs none."""
+        role = self.stage.frozen_model
+        if role is None:
+            return None
+        path = self.config.distill.teacher if role == "teacher" else self.config.dpo.reference
+        path = path or self.config.init_from
+        if path is None:
+            raise ConfigError(f"stage {self.config.stage} needs a {role} model and none is configured")
+        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        model, tokenizer = load_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+        if tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
+            raise TokenizerError(
+                f"the {role} {path} has a different tokenizer (vocabulary or ids) from this run's; "
+                f"{self.config.stage} needs one shared tokenizer"
+            )
+        model.eval().requires_grad_(False)
+        log.info("%s model: %s", role, path)
+        return model.to(self.device)
 
     def _configure_model_switches(self) -> None:
         train = self.config.train
@@ -345,7 +378,7 @@ class Trainer:
             "stage": self.config.stage,
             "step": self.progress.step,
             "template": self.tokenizer.template.name,
-            **(asdict(result) if result else {}),
+            **(_eval_values(result) if result else {}),
         }
         publish_model_dir(self.run, name, write, info)
 
@@ -369,6 +402,7 @@ class Trainer:
         supervised = sum(self.objective.supervised_count(b) for b in micro_batches)
         loss_total, tokens = 0.0, 0
         logs: dict[str, float] = {}
+        unit_sums: dict[str, float] = {}
         for batch in micro_batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
@@ -381,7 +415,10 @@ class Trainer:
             loss_total += float(output.loss_sum.detach())
             for key, value in output.logs.items():
                 logs[key] = logs.get(key, 0.0) + value
+            for key, value in output.unit_sums.items():
+                unit_sums[key] = unit_sums.get(key, 0.0) + value
             tokens += batch["input_ids"].numel()
+        logs.update({key: value / max(supervised, 1) for key, value in unit_sums.items()})
         if not math.isfinite(loss_total) and self.amp_dtype != torch.float16:
             raise TrainingDivergedError(
                 f"the loss became {loss_total} at step {step} (learning rate {lr:.3g} too high?); "
@@ -403,6 +440,7 @@ class Trainer:
         """Validation loss (nats/token), perplexity and bits per byte."""
         self.model.eval()
         nats, count, num_bytes = 0.0, 0, 0.0
+        logs: dict[str, float] = {}
         try:
             for batch, batch_bytes in self.data.val.batches(max_batches or self.config.eval.max_batches):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -410,6 +448,8 @@ class Trainer:
                     output = self.objective(self.forward, batch)
                 nats += float(output.loss_sum)
                 count += output.count
+                for key, value in output.unit_sums.items():
+                    logs[key] = logs.get(key, 0.0) + value
                 num_bytes += batch_bytes
         finally:
             self.model.train()
@@ -419,6 +459,7 @@ class Trainer:
             val_ppl=math.exp(min(loss, 50.0)),
             val_bpb=nats / LN2 / max(num_bytes, 1.0),
             val_tokens=count,
+            objective={key: value / max(count, 1) for key, value in logs.items()},
         )
 
     def _after_eval(self, result: EvalResult, train_loss: float | None) -> None:
@@ -443,7 +484,7 @@ class Trainer:
             "epoch": round(self.data.train.epochs_done(p.position), 4),
             "tokens_seen": p.tokens_seen,
             "train_loss": train_loss,
-            **asdict(result),
+            **_eval_values(result),
             "lr": self.schedule.lr_at(p.step),
             "elapsed_s": round(p.train_seconds, 2),
             "is_best": improved,

@@ -9,6 +9,9 @@ Design choices:
   its per-unit losses and how many units it supervised (tokens for the LM loss), plus anything worth
   logging. The loop divides by the count of the WHOLE optimizer step, so gradient accumulation over
   micro-batches of different lengths gives exactly the token-mean loss of the step (not a mean of means).
+  Values an objective wants reported per unit (DPO's rewards and accuracy per pair, distillation's CE
+  and divergence per token) go in `unit_sums` as sums; the loop divides them by the step's (or the
+  validation set's) count, for the same reason.
 - That count is the objective's too (`supervised_count`), read from the batch before any forward: the
   loop sums it over a step's micro-batches in one place, the place where ranks will add theirs.
 - The LM objective asks the model for the loss directly (`model(input_ids, labels=labels)`), which fuses
@@ -18,7 +21,8 @@ Design choices:
   quantity preference objectives (DPO) compare between a policy and a reference model.
 - Cross-entropies and log-softmaxes are computed in float32 even under bf16/fp16 autocast (a
   normalisation over the vocabulary is where low precision hurts).
-- New objectives (distillation, DPO) implement the same `Objective` protocol and get a row in stages.py.
+- Other objectives (DPO in dpo.py, distillation in distill.py) implement the same `Objective` protocol
+  and get a row in stages.py.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class ObjectiveOutput:
 
     loss_sum: torch.Tensor
     count: int
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float] = field(default_factory=dict)  # summed over the step's micro-batches as they are
+    unit_sums: dict[str, float] = field(default_factory=dict)  # sums over units; logged as means per unit
 
 
 class Objective(Protocol):
