@@ -8,8 +8,11 @@ Design choices:
   loss by the pairs of the whole step, so gradient accumulation changes nothing.
 - `dpo_losses` is a free function of the four sequence log-probabilities, written as TRL writes it
   (TRL's DPOTrainer is the peer the tests compare with): with h = (pi_c - pi_r) - (ref_c - ref_r),
-  sigmoid = -(1-eps) log s(beta h) - eps log s(-beta h); ipo = (h - 1/(2 beta))^2; hinge = relu(1 - beta h).
-  At the first step the policy is the reference, h = 0 and the sigmoid loss is ln 2.
+  sigmoid = -(1-eps) log s(beta h) - eps log s(-beta h); hinge = relu(1 - beta h); IPO, as TRL and the
+  IPO authors do, compares per-token MEANS of the log-ratios (so beta means the same for long and short
+  answers): ipo = (h_mean - 1/(2 beta))^2. The label smoothing eps is conservative DPO's (cDPO); TRL
+  1.16's sigmoid has none, so parity holds at eps = 0. At the first step the policy is the reference,
+  h = 0 and the sigmoid loss is ln 2.
 - RPO adds `rpo_alpha` times the chosen answer's mean negative log-likelihood per token (per pair, so
   it sums over pairs like the DPO term).
 - Logged values are `unit_sums` over the micro-batch's pairs (the loop reports their mean per pair): rewards
@@ -35,13 +38,22 @@ def dpo_losses(
     loss_type: str = "sigmoid",
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pair DPO loss (B,) from summed sequence log-probabilities (each (B,))."""
-    h = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    """Per-pair DPO loss (B,) from summed sequence log-probabilities (each (B,)).
+
+    chosen_tokens, rejected_tokens: scored tokens per answer (B,), needed by `ipo` only.
+    """
+    chosen_ratio, rejected_ratio = policy_chosen - reference_chosen, policy_rejected - reference_rejected
+    h = chosen_ratio - rejected_ratio
     if loss_type == "sigmoid":
         return -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     if loss_type == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the scored tokens of each answer")
+        mean_h = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        return (mean_h - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return torch.relu(1 - beta * h)
     raise ValueError(f"unknown DPO loss {loss_type!r} (known: {', '.join(DPO_LOSSES)})")
@@ -71,6 +83,7 @@ class DPOObjective:
         policy = token_lp.sum(dim=-1)
         with torch.no_grad():
             reference = token_logprobs(self.reference(input_ids), labels).sum(dim=-1)
+        scored = (labels != IGNORE_INDEX).sum(dim=-1)  # (2B,)
         losses = dpo_losses(
             policy[:pairs],
             policy[pairs:],
@@ -79,10 +92,11 @@ class DPOObjective:
             self.loss_type,
             self.beta,
             self.label_smoothing,
+            scored[:pairs],
+            scored[pairs:],
         )
         if self.rpo_alpha is not None:
-            chosen_tokens = (labels[:pairs] != IGNORE_INDEX).sum(dim=-1).clamp(min=1)
-            losses = losses + self.rpo_alpha * (-policy[:pairs] / chosen_tokens)
+            losses = losses + self.rpo_alpha * (-policy[:pairs] / scored[:pairs].clamp(min=1))
         with torch.no_grad():
             ratio = (policy - reference).detach()
             chosen_reward, rejected_reward = self.beta * ratio[:pairs], self.beta * ratio[pairs:]
