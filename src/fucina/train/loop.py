@@ -311,7 +311,8 @@ class Trainer:
         if path is None:
             raise ConfigError(f"stage {self.config.stage} needs a {role} model and none is configured")
         bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        model, tokenizer = load_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+        with torch.random.fork_rng(devices=[]):  # building it must not move the run's random stream
+            model, tokenizer = load_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
         if tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
             raise TokenizerError(
                 f"the {role} {path} has a different tokenizer (vocabulary or ids) from this run's; "
