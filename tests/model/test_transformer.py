@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,18 @@ from fucina.model.norms import RMSNorm
 from fucina.model.registry import MIXERS, register_mixer
 from fucina.model.transformer import Transformer, maybe_compile
 from tiny_models import tiny_config, tiny_model
+
+
+def test_the_model_is_plain_and_imports_nothing_from_inference():
+    # Decoding kernels are swapped in by fucina.inference; the model must not reach up for them.
+    code = (
+        "import sys, fucina.model.transformer, fucina.model.registry;"
+        "print(sorted(m for m in sys.modules if m.startswith('fucina.inference')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    model = tiny_model()
+    assert type(model.lm_head) is nn.Linear and LINEARS["dense"] is nn.Linear
 
 
 def test_tied_head_shares_the_embedding_matrix():
