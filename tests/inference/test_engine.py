@@ -162,3 +162,15 @@ def test_decoding_one_model_while_another_trains_and_runs_plainly():
             trained.train()
     thread.join()
     assert outputs == [alone] * 6
+
+
+def test_a_long_lived_engine_decodes_the_current_weights():
+    model = tiny_model(positions="rope", tie_embeddings=False)
+    greedy = SamplingConfig(max_new_tokens=6, greedy=True)
+    engine = Engine(model)
+    run(engine, {0: (PROMPTS[0], greedy)})
+    with torch.no_grad():  # what an optimizer step between two requests does
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    tokens, _ = run(engine, {0: (PROMPTS[0], greedy)})
+    assert list(tokens.values()) == [greedy_by_recomputation(model, PROMPTS[0], 6)]

@@ -166,6 +166,8 @@ class Engine:
 
     def _admit(self) -> None:
         """Prefill waiting requests alone and copy their caches into free rows."""
+        if self.waiting and None in self.rows:
+            self.view.refresh()  # a long-lived engine decodes weights changed since it was made
         for row, occupant in enumerate(self.rows):
             if not self.waiting:
                 return
