@@ -32,8 +32,32 @@ SINGLE_TURN = [USER_1, ASSISTANT_1]
 MULTI_TURN = [SYSTEM, USER_1, ASSISTANT_1, USER_2, ASSISTANT_2]
 ASSISTANT_FIRST = [ASSISTANT_1, USER_2, ASSISTANT_2]
 CONVERSATIONS = {"single": SINGLE_TURN, "multi": MULTI_TURN, "assistant_first": ASSISTANT_FIRST}
-END_MARKER = {"picodac": "<EOS>", "microdac": "<|sep|>", "chatml": "<|im_end|>"}
-SETUPS = [(name, "italian") for name in CHAT_TEMPLATE_NAMES] + [("chatml", "bytelevel")]
+END_MARKER = {
+    "picodac": "<EOS>",
+    "microdac": "<|sep|>",
+    "chatml": "<|im_end|>",
+    "llama3": "<|eot_id|>",
+    "llama2": "</s>",
+}
+# llama2's reply carries the space after ` [/INST]` (see the module docstring); the others start bare.
+REPLY_PREFIX = {"llama2": " "}
+# The assistant header of each template, as (special?, text) pieces.
+HEADER = {
+    "picodac": [(True, "<SEP>")],
+    "microdac": [(True, "<|assistant|>")],
+    "chatml": [(True, "<|im_start|>"), (False, "assistant\n")],
+    "llama3": [
+        (True, "<|start_header_id|>"),
+        (False, "assistant"),
+        (True, "<|end_header_id|>"),
+        (False, "\n\n"),
+    ],
+    "llama2": [(False, " [/INST]")],
+}
+SETUPS = [(name, "italian") for name in CHAT_TEMPLATE_NAMES] + [
+    ("chatml", "bytelevel"),
+    ("llama2", "bytelevel"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +88,18 @@ def masked_runs(ids: list[int], mask: list[bool]) -> list[list[int]]:
     return runs + ([current] if current else [])
 
 
-def assistant_contents(messages: list[dict]) -> list[str]:
-    return [m["content"].strip() for m in messages if m["role"] == "assistant"]
+def assistant_contents(messages: list[dict], name: str = "") -> list[str]:
+    """The replies as the template trains on them (llama2's keep the space after ` [/INST]`)."""
+    prefix = REPLY_PREFIX.get(name, "")
+    return [prefix + m["content"].strip() for m in messages if m["role"] == "assistant"]
+
+
+def header_ids(tok, name: str) -> list[int]:
+    return [
+        i
+        for special, text in HEADER[name]
+        for i in ([tok.token_to_id(text)] if special else tok.encode(text))
+    ]
 
 
 @pytest.mark.parametrize("conversation", ["single", "multi", "assistant_first"])
@@ -76,11 +110,12 @@ def test_mask_covers_every_assistant_content_and_end_marker_only(trained, name, 
     encoded = tok.template.encode(tok, messages)
     assert len(encoded.input_ids) == len(encoded.assistant_mask)
     end = END_MARKER[name]
-    expected = [tok.encode(content) + [tok.token_to_id(end)] for content in assistant_contents(messages)]
+    replies = assistant_contents(messages, name)
+    expected = [tok.encode(content) + [tok.token_to_id(end)] for content in replies]
     runs = masked_runs(encoded.input_ids, encoded.assistant_mask)
     assert runs == expected
     assert [tok.decode(run, skip_special_tokens=False) for run in runs] == [
-        content + end for content in assistant_contents(messages)
+        content + end for content in replies
     ]
 
 
@@ -91,7 +126,7 @@ def test_train_on_last_masks_only_the_final_assistant_turn(trained, name):
     runs = masked_runs(encoded.input_ids, encoded.assistant_mask)
     end = END_MARKER[name]
     assert [tok.decode(run, skip_special_tokens=False) for run in runs] == [
-        ASSISTANT_2["content"].strip() + end
+        REPLY_PREFIX.get(name, "") + ASSISTANT_2["content"].strip() + end
     ]
     assert encoded.input_ids == tok.template.encode(tok, MULTI_TURN).input_ids
 
@@ -105,7 +140,7 @@ def test_user_system_and_assistant_header_never_contribute_to_loss(trained, name
     )
     for message in (SYSTEM, USER_1, USER_2):
         assert message["content"].strip() in unmasked
-    header = {"picodac": "<SEP>", "microdac": "<|assistant|>", "chatml": "<|im_start|>assistant\n"}[name]
+    header = "".join(text for _, text in HEADER[name])
     assert unmasked.count(header) == 2
 
 
@@ -136,8 +171,9 @@ def test_picodac_renders_system_as_start_of_first_prompt():
     [[USER_1, SYSTEM, ASSISTANT_1], [USER_1, USER_2, ASSISTANT_1], [USER_1, ASSISTANT_1, ASSISTANT_2]],
     ids=["late-system", "two-users", "two-assistants"],
 )
-def test_picodac_rejects_what_it_cannot_express_in_python_and_jinja(trained, messages):
-    tok, hf = trained["picodac", "italian"]
+@pytest.mark.parametrize("name", ["picodac", "llama2"])
+def test_roleless_templates_reject_what_they_cannot_express_in_python_and_jinja(trained, name, messages):
+    tok, hf = trained[name, "italian"]
     with pytest.raises(DataError, match="message"):
         tok.template.encode(tok, messages)
     with pytest.raises(jinja2.TemplateError):
@@ -163,12 +199,9 @@ def test_generation_prompt_matches_apply_chat_template(trained, name, pretokeniz
     tok, hf = trained[name, pretokenizer]
     ours = tok.template.encode_prompt(tok, prefix)
     assert hf_ids(hf.apply_chat_template(prefix, tokenize=True, add_generation_prompt=True)) == ours
-    header = {"picodac": ["<SEP>"], "microdac": ["<|assistant|>"], "chatml": ["<|im_start|>"]}[name]
-    header_ids = [tok.token_to_id(t) for t in header] + (
-        tok.encode("assistant\n") if name == "chatml" else []
-    )
-    assert ours[-len(header_ids) :] == header_ids
-    assert ours[: -len(header_ids)] == tok.template.encode(tok, prefix).input_ids
+    header = header_ids(tok, name)
+    assert ours[-len(header) :] == header
+    assert ours[: -len(header)] == tok.template.encode(tok, prefix).input_ids
 
 
 @pytest.mark.parametrize("name", CHAT_TEMPLATE_NAMES)
@@ -190,7 +223,7 @@ def test_spelled_special_tokens_in_messages_cannot_inject_roles(trained, name):
     )
     runs = masked_runs(encoded.input_ids, encoded.assistant_mask)
     assert [tok.decode(run, skip_special_tokens=False) for run in runs] == [
-        content + END_MARKER[name] for content in assistant_contents(injected)
+        content + END_MARKER[name] for content in assistant_contents(injected, name)
     ]
 
 
@@ -200,6 +233,8 @@ def test_spelled_special_tokens_in_messages_cannot_inject_roles(trained, name):
         ("picodac", ["<EOS>"]),
         ("microdac", ["<|sep|>", "<|eos|>"]),
         ("chatml", ["<|im_end|>", "<|endoftext|>"]),
+        ("llama3", ["<|eot_id|>", "<|end_of_text|>"]),
+        ("llama2", ["</s>"]),
     ],
 )
 def test_stop_token_ids_end_an_assistant_turn(trained, name, stops):
@@ -235,3 +270,51 @@ def test_unknown_template_and_train_on_raise_config_error(trained):
         get_chat_template("alpaca")
     with pytest.raises(ConfigError, match="train_on"):
         tok.template.encode(tok, SINGLE_TURN, train_on="first")
+
+
+def test_llama3_layout_is_built_from_segments(trained):
+    tok, _ = trained["llama3", "italian"]
+    start, end, eot = (tok.token_to_id(t) for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+    expected = [tok.token_to_id("<|begin_of_text|>")]
+    for message in SINGLE_TURN:
+        expected += [start, *tok.encode(message["role"]), end, *tok.encode("\n\n")]
+        expected += [*tok.encode(message["content"]), eot]
+    assert tok.template.encode(tok, SINGLE_TURN).input_ids == expected
+
+
+def test_llama2_renders_the_llama2_chat_layout():
+    template = get_chat_template("llama2")
+    system, user_1, user_2 = (m["content"].strip() for m in (SYSTEM, USER_1, USER_2))
+    reply_1, reply_2 = assistant_contents(MULTI_TURN, "llama2")
+    assert template.render(MULTI_TURN) == (
+        f"<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user_1} [/INST]{reply_1}</s>"
+        f"<s>[INST] {user_2} [/INST]{reply_2}</s>"
+    )
+    assert template.render([USER_1], add_generation_prompt=True) == f"<s>[INST] {user_1} [/INST]"
+    assert template.render(ASSISTANT_FIRST[:1]) == f"<s>[INST]  [/INST] {ASSISTANT_1['content']}</s>"
+
+
+@pytest.mark.parametrize(("name", "pretokenizer"), [("llama2", "italian"), ("llama2", "bytelevel")])
+def test_llama2_reply_seam_holds_for_replies_starting_with_any_character_class(trained, name, pretokenizer):
+    tok, hf = trained[name, pretokenizer]
+    for reply in ("(nota) sì", "«Perché?»", "... e poi", "'ndrangheta", "42 anni", "È vero."):
+        messages = [USER_1, {"role": "assistant", "content": reply}]
+        assert (
+            hf_ids(hf.apply_chat_template(messages, tokenize=True))
+            == tok.template.encode(tok, messages).input_ids
+        )
+
+
+def test_llama3_with_bytelevel_differs_from_hf_only_in_how_the_header_newlines_split(tmp_path):
+    """The documented limit: GPT-2's regex splits `\\n\\n` + reply as `\\n` `\\n`; fucina keeps the prompt's `\\n\\n`."""
+    tok = train_tokenizer(TEXT, 400, "llama3", pretokenizer="bytelevel", show_progress=False)
+    tok.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert hf.apply_chat_template(MULTI_TURN, tokenize=False) == tok.template.render(MULTI_TURN)
+    ours = tok.template.encode(tok, MULTI_TURN).input_ids
+    theirs = hf_ids(hf.apply_chat_template(MULTI_TURN, tokenize=True))
+    double, single = tok.encode("\n\n"), tok.encode("\n")
+    assert double != single * 2
+    assert theirs == [i for t in ours for i in (single * 2 if [t] == double else [t])]
+    prompt = tok.template.encode_prompt(tok, [USER_1])
+    assert prompt == hf_ids(hf.apply_chat_template([USER_1], tokenize=True, add_generation_prompt=True))

@@ -1,6 +1,6 @@
 """Chat templates: a conversation becomes token ids plus the mask of the tokens trained on.
 
-Three templates, each defined once here and used by SFT, generation, serving and export:
+Five templates, each defined once here and used by SFT, generation, serving and export:
 
 - "picodac":  `<BOS>prompt<SEP>response<EOS>prompt<SEP>response<EOS>...` (tokens `<PAD> <BOS> <EOS> <SEP>
   <UNK>`). It has no roles, so a system message is only allowed first and is rendered as the start of the
@@ -10,17 +10,36 @@ Three templates, each defined once here and used by SFT, generation, serving and
   <|eos|> <|unk|> <|user|> <|assistant|> <|sep|> <|system|>`). The assistant turn ends with `<|sep|>`.
 - "chatml":   `<|im_start|>role\\ncontent<|im_end|>\\n` per message, ChatML as in Qwen (tokens
   `<|endoftext|> <|im_start|> <|im_end|>`; `<|endoftext|>` is eos and pad, there is no bos).
+- "llama3":   `<|begin_of_text|>`, then `<|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|>` per
+  message, as Llama 3 (tokens `<|end_of_text|> <|begin_of_text|> <|start_header_id|> <|end_header_id|>
+  <|eot_id|>`). `<|end_of_text|>` is eos and pad and takes id 0 like the other templates' pad; the others
+  follow in Llama 3's order. A turn ends with `<|eot_id|>`, a document with `<|end_of_text|>`.
+- "llama2":   `<s>[INST] <<SYS>>\\nsystem\\n<</SYS>>\\n\\nuser [/INST] reply</s><s>[INST] user [/INST]`, the
+  Llama-2-chat layout (tokens `<unk> <s> </s>` with Llama 2's ids; `[INST]` and `<<SYS>>` are plain text;
+  `<unk>` doubles as pad, as in Llama 2 fine-tunes, since byte-level BPE never produces it). Like picodac it
+  has no system role: a system message may only come first, user and assistant turns alternate, and a
+  reply with no user message before it gets an empty one. The assistant header is ` [/INST]`; the space
+  before the reply belongs to the reply (trained) and there is none before `</s>` (see below).
 
 Design choices, and why:
 - Message content is stripped of surrounding whitespace (Jinja `| trim`, Python `str.strip`, which agree).
   This is what makes segment-wise encoding exact: in ChatML the text run `assistant\\n` + content would be
   one string for Hugging Face, and a content starting with spaces could merge with the header's newline
   into one pre-token. With stripped content every pre-token boundary falls on the header/content seam, so
-  encoding the pieces separately gives exactly the ids of encoding the whole run.
+  encoding the pieces separately gives exactly the ids of encoding the whole run. llama2's seam is `]` +
+  ` reply`: whatever the reply starts with, both pre-tokenizers split right after `]`, and the space goes
+  with the reply's first word as Hugging Face splits it. Meta's space before `</s>` would join the reply's
+  last piece or not depending on its last character, so there is none.
+  Two known limits, where the layout leaves no choice: with the "bytelevel" (GPT-2) pre-tokenizer,
+  Hugging Face splits llama3's `\\n\\n` + reply as `\\n` `\\n` `reply`, while the generation prompt ends
+  with `\\n\\n` alone; fucina encodes the header as the prompt has it, so training and generation see the
+  same ids, and HF's ids differ there (the text is the same). With the "italian" pre-tokenizer a reply
+  that starts with a sentence stop (`(`, `...`) joins the newline before it (chatml and llama3).
 - Ids are built from segments (special ids + `tok.encode(text)`), never by searching the rendered string,
   so the mask is exact by construction: it is True on the assistant's content and on its end marker
-  (`<EOS>`, `<|sep|>`, `<|im_end|>`), never on system/user text, the assistant header (`<SEP>`,
-  `<|assistant|>`, `<|im_start|>assistant\\n`) or the newline after `<|im_end|>`.
+  (`<EOS>`, `<|sep|>`, `<|im_end|>`, `<|eot_id|>`, `</s>`), never on system/user text, the assistant
+  header (`<SEP>`, `<|assistant|>`, `<|im_start|>assistant\\n`, `<|start_header_id|>assistant<|end_header_id|>\\n\\n`,
+  ` [/INST]`) or the newline after `<|im_end|>`.
 - Adjacent untrained text pieces are joined before encoding (e.g. picodac's system + prompt), because
   Hugging Face encodes the text between two special tokens as one string.
 - `tok.encode` treats spelled special tokens as ordinary text, so message content can never inject a role.
@@ -282,8 +301,129 @@ class ChatMLTemplate(ChatTemplate):
         return segments
 
 
+class Llama3Template(ChatTemplate):
+    name = "llama3"
+    special_tokens = (
+        "<|end_of_text|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    )
+    pad_token, bos_token, eos_token, unk_token = (
+        "<|end_of_text|>",
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        None,
+    )
+    stop_tokens = ("<|eot_id|>", "<|end_of_text|>")
+    jinja = (
+        "{%- for message in messages -%}"
+        "{%- if loop.first -%}{{ '<|begin_of_text|>' }}{%- endif -%}"
+        "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+        "{{ raise_exception('llama3: unknown role ' + message['role']) }}{%- endif -%}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+        " + (message['content'] | trim) + '<|eot_id|>' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif -%}"
+    )
+
+    def segments(self, turns, trained, add_generation_prompt):
+        segments = [_special("<|begin_of_text|>")]
+        for index, (role, content) in enumerate(turns):
+            is_trained = index in trained
+            segments += [
+                *_llama3_header(role),
+                _text(content, is_trained),
+                _special("<|eot_id|>", is_trained),
+            ]
+        if add_generation_prompt:
+            segments += _llama3_header("assistant")
+        return segments
+
+
+def _llama3_header(role: str) -> list[Segment]:
+    return [_special("<|start_header_id|>"), _text(role), _special("<|end_header_id|>"), _text("\n\n")]
+
+
+class Llama2Template(ChatTemplate):
+    name = "llama2"
+    special_tokens = ("<unk>", "<s>", "</s>")
+    pad_token, bos_token, eos_token, unk_token = "<unk>", "<s>", "</s>", "<unk>"
+    stop_tokens = ("</s>",)
+    jinja = (
+        "{%- set ns = namespace(previous='') -%}"
+        "{%- for message in messages -%}"
+        "{%- set content = message['content'] | trim -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{%- if not loop.first -%}{{ raise_exception('llama2: a system message may only come first') }}"
+        "{%- endif -%}"
+        "{{ '<s>[INST] <<SYS>>\\n' + content + '\\n<</SYS>>\\n\\n' }}"
+        "{%- elif message['role'] == 'user' -%}"
+        "{%- if ns.previous == 'user' -%}{{ raise_exception('llama2: two user messages in a row') }}"
+        "{%- endif -%}"
+        "{%- if ns.previous != 'system' -%}{{ '<s>[INST] ' }}{%- endif -%}"
+        "{{ content }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{%- if ns.previous == 'assistant' -%}"
+        "{{ raise_exception('llama2: two assistant messages in a row') }}{%- endif -%}"
+        "{%- if ns.previous not in ['system', 'user'] -%}{{ '<s>[INST] ' }}{%- endif -%}"
+        "{{ ' [/INST] ' + content + '</s>' }}"
+        "{%- else -%}{{ raise_exception('llama2: unknown role ' + message['role']) }}"
+        "{%- endif -%}"
+        "{%- set ns.previous = message['role'] -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{%- if ns.previous not in ['system', 'user'] -%}{{ '<s>[INST] ' }}{%- endif -%}"
+        "{{ ' [/INST]' }}"
+        "{%- endif -%}"
+    )
+
+    def segments(self, turns, trained, add_generation_prompt):
+        segments = []
+        previous = ""  # a pair `[INST] ... [/INST]` is open after a system or user message
+        for index, (role, content) in enumerate(turns):
+            if role == "system":
+                if index != 0:
+                    raise DataError(
+                        f"message {index}: llama2 takes a system message only as the first message"
+                    )
+                segments += [_special("<s>"), _text(f"[INST] <<SYS>>\n{content}\n<</SYS>>\n\n")]
+            elif role == previous:
+                raise DataError(f"message {index}: llama2 needs user and assistant turns to alternate")
+            elif role == "user":
+                if previous != "system":
+                    segments += [_special("<s>"), _text("[INST] ")]
+                segments.append(_text(content))
+            else:
+                is_trained = index in trained
+                segments += [
+                    *_llama2_header(previous),
+                    _text(" " + content, is_trained),
+                    _special("</s>", is_trained),
+                ]
+            previous = role
+        if add_generation_prompt:
+            segments += _llama2_header(previous)
+        return segments
+
+
+def _llama2_header(previous: str) -> list[Segment]:
+    """` [/INST]`, after an empty user turn when no system or user message has opened the pair."""
+    opening = [] if previous in ("system", "user") else [_special("<s>"), _text("[INST] ")]
+    return [*opening, _text(" [/INST]")]
+
+
 _TEMPLATES: dict[str, ChatTemplate] = {
-    template.name: template for template in (PicoDACTemplate(), MicroDACTemplate(), ChatMLTemplate())
+    template.name: template
+    for template in (
+        PicoDACTemplate(),
+        MicroDACTemplate(),
+        ChatMLTemplate(),
+        Llama3Template(),
+        Llama2Template(),
+    )
 }
 CHAT_TEMPLATE_NAMES: tuple[str, ...] = tuple(_TEMPLATES)
 
