@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_resume import RESUME_SETTINGS, _assert_identical_runs, _kill_and_resume
 
+from fucina.data.preferences import read_preference_pairs
 from fucina.errors import ConfigError
 from fucina.model.loss import IGNORE_INDEX
 from fucina.train.config import config_from_dict
@@ -226,3 +227,39 @@ def test_killed_dpo_resumes_bit_identically(tmp_path, pretrained_run):
     assert straight.returncode == 0, straight.stderr
     _kill_and_resume(config, tmp_path / "resumed")
     _assert_identical_runs(tmp_path / "straight", tmp_path / "resumed")
+
+
+# --- on-policy pairs and the pair viewer ----------------------------------------------------------------
+
+
+def test_make_preferences_pairs_reference_answers_with_seeded_samples(tmp_path, pretrained_run):
+    chats = tmp_path / "chat.jsonl"
+    records = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Sì."}]}
+        for p in PROMPTS[:4]
+    ]
+    greeting = [
+        {"role": "system", "content": "Sei gentile."},
+        {"role": "assistant", "content": "Buongiorno."},
+    ]
+    records.append({"messages": greeting})  # no user turn before the answer: no prompt to pair
+    chats.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    outputs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        args = ["--model", str(pretrained_run), "--input", str(chats), "--out", str(tmp_path / name)]
+        made = run_cli("data", "make-preferences", *args, "--seed", "3", "--max-new-tokens", "8")
+        assert made.returncode == 0, made.stderr
+        assert "without a user-assistant turn" in made.stdout and "1 without" in made.stdout
+        outputs.append((tmp_path / name).read_text(encoding="utf-8"))
+    assert outputs[0] == outputs[1]  # seeded
+    pairs = list(read_preference_pairs([tmp_path / "a.jsonl"]))
+    assert 1 <= len(pairs) <= 4
+    for pair in pairs:
+        assert pair.chosen == "Sì." and pair.rejected != pair.chosen
+        assert pair.prompt[-1]["role"] == "user" and pair.prompt[-1]["content"] in PROMPTS
+    shown = run_cli(
+        "data", "show-pair", "--tokenizer", str(pretrained_run), "--input", str(tmp_path / "a.jsonl")
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("⟦") == 2 and "== chosen:" in shown.stdout and "== rejected:" in shown.stdout
+    assert "⟦Sì.<EOS>⟧" in shown.stdout  # the answer and its end marker, nothing of the prompt

@@ -1,4 +1,5 @@
-"""`fucina data` commands: pack a pretraining corpus into token shards, show a chat example's loss mask."""
+"""`fucina data` commands: pack a pretraining corpus into token shards, show a chat example's loss mask,
+build on-policy preference pairs and show what a pair scores."""
 
 from __future__ import annotations
 
@@ -60,6 +61,34 @@ def register(subparsers) -> None:
     )
     show.set_defaults(func=_show_mask)
 
+    prefs = commands.add_parser(
+        "make-preferences",
+        help="build on-policy preference pairs: reference answer chosen, the model's sample rejected",
+        description=(
+            "For each conversation, the prompt is everything before its last assistant turn; chosen is "
+            "that turn, rejected is the model's own sampled answer (seeded). Pairs whose answers "
+            "coincide are skipped. Writes TRL-format JSONL for `stage: dpo`."
+        ),
+    )
+    prefs.add_argument("--model", required=True, help="model or run directory that samples the answers")
+    prefs.add_argument("--input", required=True, help="chat JSONL file ('messages' or 'prompt'/'response')")
+    prefs.add_argument("--out", required=True, help="preference JSONL to write")
+    prefs.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    prefs.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    prefs.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
+    prefs.add_argument("--max-new-tokens", type=int, default=128, help="longest sampled answer")
+    prefs.set_defaults(func=_make_preferences)
+
+    pair = commands.add_parser(
+        "show-pair",
+        help="print a preference pair with the scored tokens of each side marked",
+        description="Print both sides of one preference pair token by token, scored tokens within ⟦ ⟧.",
+    )
+    pair.add_argument("--tokenizer", required=True, help="tokenizer, model or run directory")
+    pair.add_argument("--input", required=True, help="preference JSONL file")
+    pair.add_argument("--index", type=int, default=0, help="which pair (0-based)")
+    pair.set_defaults(func=_show_pair)
+
 
 def _pack(args: argparse.Namespace) -> int:
     from fucina.data.packing import pack_corpus
@@ -105,4 +134,35 @@ def _show_mask(args: argparse.Namespace) -> int:
         )
     color = not args.no_color and sys.stdout.isatty() and "NO_COLOR" not in os.environ
     print(render_mask(tokenizer, conversations[args.index], train_on=args.train_on, color=color))
+    return 0
+
+
+def _make_preferences(args: argparse.Namespace) -> int:
+    from fucina.data.readers import read_conversations
+    from fucina.inference.sampling import SamplingConfig
+    from fucina.model_dir import load_pretrained
+    from fucina.train.on_policy_pairs import make_preference_pairs, write_preference_pairs
+
+    model, tokenizer = load_pretrained(args.model)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    result = make_preference_pairs(model, tokenizer, read_conversations(args.input), sampling)
+    write_preference_pairs(args.out, result.pairs)
+    print(
+        f"wrote {len(result.pairs)} pairs to {args.out}; skipped {result.coincide} with coinciding answers, "
+        f"{result.no_prompt} without a user-assistant turn, {result.too_long} too long"
+    )
+    return 0
+
+
+def _show_pair(args: argparse.Namespace) -> int:
+    from fucina.data.preferences import read_preference_pairs, render_pair
+    from fucina.tokenizer import FucinaTokenizer
+
+    tokenizer = FucinaTokenizer.load(args.tokenizer)
+    pairs = list(read_preference_pairs([args.input]))
+    if not 0 <= args.index < len(pairs):
+        raise DataError(f"--index {args.index} is out of range: the file has {len(pairs)} pairs", args.input)
+    print(render_pair(tokenizer, pairs[args.index]))
     return 0

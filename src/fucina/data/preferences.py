@@ -199,3 +199,28 @@ def collate_pairs(examples: Sequence[dict[str, Sequence[int]]], pad_id: int) -> 
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         labels[row, : len(labs)] = torch.as_tensor(labs, dtype=torch.long)
     return {"input_ids": input_ids, "labels": labels}
+
+
+def render_pair(tokenizer: FucinaTokenizer, pair: PreferencePair) -> str:
+    """Both sides of a pair token by token, the scored tokens within ⟦ ⟧, and what each side scores."""
+    from fucina.data.mask_view import token_texts
+
+    prompt_ids = tokenizer.template.encode_prompt(tokenizer, pair.prompt)
+    blocks = []
+    for name, answer in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        side = encode_side(tokenizer, pair.prompt, prompt_ids, answer)
+        ids = [*side.input_ids, side.answer_ids[-1]]
+        scored = [False, *(label != IGNORE_INDEX for label in side.labels)]  # labels[t] scores ids[t + 1]
+        parts, inside = [], False
+        for text, is_scored in zip(token_texts(tokenizer, ids), scored, strict=True):
+            if is_scored != inside:
+                parts.append("⟦" if is_scored else "⟧")
+                inside = is_scored
+            parts.append(text)
+        if inside:
+            parts.append("⟧")
+        count = sum(scored)
+        blocks.append(
+            f"== {name}: {len(ids)} tokens, {len(prompt_ids)} of prompt, {count} scored ==\n" + "".join(parts)
+        )
+    return "\n\n".join(blocks)
