@@ -8,7 +8,9 @@ models become transformers' ImageGPTForCausalImageModeling (no custom code), or 
 `--picodac-class remote-code` a small remote-code module for AutoModelForCausalLM. `--format gguf --out
 FILE.gguf [--quant f32|f16|q8_0]` writes one GGUF file for llama.cpp (LLaMA- and GPT-2-style models).
 `--format ternary --out FILE.safetensors [--dtype bfloat16|float32]` packs a BitNet model's projections
-at 2 bits per weight (load it with fucina.compress.ternary.load_ternary). An existing --out is refused
+at 2 bits per weight (load it with fucina.compress.ternary.load_ternary). `--format ollama --out DIR
+[--quant ...]` writes DIR/model.gguf and DIR/Modelfile with the chat template in Ollama's syntax, ready
+for `ollama create NAME -f DIR/Modelfile`. An existing --out is refused
 unless --overwrite is given (the old output is replaced only once the new one is complete).
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-FORMATS = ("hf", "gguf", "ternary")
+FORMATS = ("hf", "gguf", "ternary", "ollama")
 
 
 def register(subparsers) -> None:
@@ -27,13 +29,21 @@ def register(subparsers) -> None:
     )
     export.add_argument("--model", required=True, help="run directory (uses best/) or model directory")
     export.add_argument(
-        "--format", required=True, choices=FORMATS, help="hf (a directory), gguf or ternary (a file)"
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="hf or ollama (a directory), gguf or ternary (a file)",
     )
     export.add_argument(
-        "--out", required=True, help="output directory (hf), .gguf file (gguf) or .safetensors file (ternary)"
+        "--out",
+        required=True,
+        help="output directory (hf, ollama), .gguf file (gguf) or .safetensors file (ternary)",
     )
     export.add_argument(
-        "--quant", default="f16", choices=("f32", "f16", "q8_0"), help="GGUF matrix type (default f16)"
+        "--quant",
+        default="f16",
+        choices=("f32", "f16", "q8_0"),
+        help="GGUF matrix type, gguf and ollama (default f16)",
     )
     export.add_argument(
         "--dtype",
@@ -70,6 +80,15 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote {result.path}: {result.architecture}, {result.parameters:,} parameters")
         if result.remote_code:
             print("this architecture ships as remote code: load it with trust_remote_code=True")
+    elif args.format == "ollama":
+        from fucina.interop.ollama import export_ollama
+
+        result = export_ollama(source, args.out, quant=args.quant, overwrite=args.overwrite)
+        print(
+            f"wrote {result.path}: {result.gguf.path.name} (llama.cpp arch {result.gguf.architecture}, "
+            f"{result.gguf.quant}) and {result.modelfile.name}; "
+            f"load it with: ollama create NAME -f {result.modelfile}"
+        )
     else:
         from fucina.interop.gguf import export_gguf
 
