@@ -318,3 +318,17 @@ def test_llama3_with_bytelevel_differs_from_hf_only_in_how_the_header_newlines_s
     assert theirs == [i for t in ours for i in (single * 2 if [t] == double else [t])]
     prompt = tok.template.encode_prompt(tok, [USER_1])
     assert prompt == hf_ids(hf.apply_chat_template([USER_1], tokenize=True, add_generation_prompt=True))
+
+
+@pytest.mark.parametrize(("name", "pretokenizer"), SETUPS + [("llama3", "bytelevel")])
+def test_generation_prompt_is_a_prefix_of_the_conversation_with_the_reply(trained, name, pretokenizer):
+    """Generation and DPO rely on this: the reply's ids follow the prompt's ids unchanged."""
+    if (name, pretokenizer) not in trained:
+        tok = train_tokenizer(TEXT, 400, name, pretokenizer=pretokenizer, show_progress=False)
+    else:
+        tok, _ = trained[name, pretokenizer]
+    for prefix in ([USER_1], MULTI_TURN[:4], [SYSTEM, USER_2]):
+        prompt = tok.template.encode_prompt(tok, prefix)
+        encoded = tok.template.encode(tok, [*prefix, ASSISTANT_2], train_on="last")
+        assert encoded.input_ids[: len(prompt)] == prompt
+        assert not any(encoded.assistant_mask[: len(prompt)]) and encoded.assistant_mask[len(prompt)]
