@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_resume import RESUME_SETTINGS, _assert_identical_runs, _kill_and_resume
 
 from fucina.data.preferences import read_preference_pairs
 from fucina.errors import ConfigError
 from fucina.model.loss import IGNORE_INDEX
 from fucina.train.config import config_from_dict
-from fucina.train.dpo import DPOObjective
+from fucina.train.dpo import REFERENCE_LOGPS_FILE, DPOObjective
 from fucina.train.loop import train
 from tiny_models import tiny_model
 from train_helpers import merge, run_cli, tiny_config, write_config
@@ -209,6 +210,25 @@ def test_dpo_run_starts_at_ln2_and_learns_the_preference(tmp_path, pretrained_ru
     evaluation = _records(run, "eval")[-1]
     assert evaluation["rewards/accuracy"] == 1.0  # held-out pairs
     assert evaluation["val_loss"] < math.log(2)
+
+
+def test_precomputed_reference_scores_train_like_the_live_reference(tmp_path, pretrained_run):
+    prefs = tmp_path / "prefs.jsonl"
+    _write_pairs(prefs, 24)
+    live, stored = tmp_path / "live", tmp_path / "stored"
+    train(config_from_dict(_dpo_config(pretrained_run, prefs, train={"max_steps": 4})), live)
+    precomputed = _dpo_config(
+        pretrained_run, prefs, train={"max_steps": 4}, dpo={"precompute_reference": True}
+    )
+    train(config_from_dict(precomputed), stored)
+    scores = load_file(stored / REFERENCE_LOGPS_FILE)
+    assert scores["train"].shape[1] == 2 and (scores["train"] < 0).all()
+    a, b = load_file(live / "final/model.safetensors"), load_file(stored / "final/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert _records(stored, "train")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert _records(stored, "eval")[-1]["val_loss"] == pytest.approx(
+        _records(live, "eval")[-1]["val_loss"], abs=1e-5
+    )
 
 
 def test_dpo_needs_a_model_to_start_from():

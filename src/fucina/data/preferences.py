@@ -12,6 +12,9 @@ Design choices:
   same ids, or which leaves one side with nothing scored, teaches nothing: it is dropped and counted.
 - A batch stacks the chosen rows first and the rejected rows after them, padded to one length, so the
   policy scores both sides in one forward and the objective splits the rows in half.
+- A dataset can carry the reference model's log-probabilities of each pair (`reference_logps`, computed
+  once by the DPO objective when `dpo.precompute_reference` is set); batches then hold them, in the
+  same chosen-then-rejected order, and the reference model is not needed while training.
 """
 
 from __future__ import annotations
@@ -168,6 +171,7 @@ class PreferenceDataset:
                 self.unscored,
                 context_length,
             )
+        self.reference_logps: np.ndarray | None = None  # (N, 2) float32: chosen, rejected; see module doc
         # The sampler groups pairs by their longer side, the length a batch is padded to.
         self.lengths = [max(len(i["chosen_input_ids"]), len(i["rejected_input_ids"])) for i in self._items]
 
@@ -178,12 +182,12 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        item = self._items[index]
-        # "labels" (the chosen side) is what validation counts bytes on.
-        return {key: value.tolist() for key, value in item.items()} | {
-            "labels": item["chosen_labels"].tolist()
-        }
+    def __getitem__(self, index: int) -> dict[str, list]:
+        item = {key: value.tolist() for key, value in self._items[index].items()}
+        item["labels"] = item["chosen_labels"]  # the chosen side: what validation counts bytes on
+        if self.reference_logps is not None:
+            item["reference_logps"] = self.reference_logps[index].tolist()
+        return item
 
 
 def collate_pairs(examples: Sequence[dict[str, Sequence[int]]], pad_id: int) -> Batch:
@@ -198,7 +202,11 @@ def collate_pairs(examples: Sequence[dict[str, Sequence[int]]], pad_id: int) -> 
     for row, (ids, labs) in enumerate(rows):
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         labels[row, : len(labs)] = torch.as_tensor(labs, dtype=torch.long)
-    return {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels}
+    if "reference_logps" in examples[0]:
+        chosen = [e["reference_logps"][0] for e in examples]
+        batch["reference_logps"] = torch.tensor(chosen + [e["reference_logps"][1] for e in examples])
+    return batch
 
 
 def render_pair(tokenizer: FucinaTokenizer, pair: PreferencePair) -> str:

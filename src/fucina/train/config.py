@@ -134,6 +134,7 @@ class DPOSection:
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None  # weight of the SFT term on the chosen answer (RPO); None: off
+    precompute_reference: bool = False  # score every pair with the reference once, then free it
 
 
 @dataclass

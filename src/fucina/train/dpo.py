@@ -15,6 +15,10 @@ Design choices:
   h = 0 and the sigmoid loss is ln 2.
 - RPO adds `rpo_alpha` times the chosen answer's mean negative log-likelihood per token (per pair, so
   it sums over pairs like the DPO term).
+- `precompute_reference`: for memory, the reference scores every training and validation pair once
+  (`prepare`, before the first step), the scores are stored with the run in
+  `reference_logps.safetensors` (a resumed run reads them back, so resume stays exact) and the
+  reference model is released; batches then carry the scores.
 - Logged values are `unit_sums` over the micro-batch's pairs (the loop reports their mean per pair): rewards
   beta (pi - ref) of each side, their margin, the accuracy (chosen reward above rejected) and a KL
   proxy, the mean of (pi - ref) over both sides.
@@ -22,10 +26,23 @@ Design choices:
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
+from fucina.fsutil import atomic_path
 from fucina.train.objectives import IGNORE_INDEX, Batch, Model, ObjectiveOutput, token_logprobs
+
+if TYPE_CHECKING:
+    from fucina.data.loaders import StageData
+
+log = logging.getLogger(__name__)
+
+REFERENCE_LOGPS_FILE = "reference_logps.safetensors"
 
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
@@ -69,9 +86,45 @@ class DPOObjective:
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         rpo_alpha: float | None = None,
+        precompute_reference: bool = False,
     ):
         self.reference, self.loss_type, self.beta = reference, loss_type, beta
         self.label_smoothing, self.rpo_alpha = label_smoothing, rpo_alpha
+        self.precompute_reference = precompute_reference
+
+    def prepare(self, data: StageData, run_dir: Path, device: torch.device) -> None:
+        """With precompute_reference: attach the reference's scores of every pair, then drop the model."""
+        if not self.precompute_reference:
+            return
+        splits = {"train": data.train, "val": data.val}
+        path = Path(run_dir) / REFERENCE_LOGPS_FILE
+        if path.is_file():
+            stored = load_file(path)
+        else:
+            stored = {name: self._score(split, device) for name, split in splits.items()}
+            with atomic_path(path) as tmp:
+                save_file(stored, str(tmp))
+            log.info(
+                "reference log-probabilities of %s pairs stored in %s",
+                sum(len(v) for v in stored.values()),
+                path,
+            )
+        for name, split in splits.items():
+            split.dataset.reference_logps = stored[name].numpy()
+        self.reference = None
+
+    @torch.no_grad()
+    def _score(self, split, device: torch.device) -> torch.Tensor:
+        """(N, 2) float32: the reference's summed log-probability of each pair's chosen and rejected side."""
+        dataset = split.dataset
+        scores = torch.zeros(len(dataset), 2)
+        for start in range(0, len(dataset), split.batch_size):
+            indices = list(range(start, min(start + split.batch_size, len(dataset))))
+            batch = split.collate([dataset[i] for i in indices], split.pad_id)
+            logps = token_logprobs(self.reference(batch["input_ids"].to(device)), batch["labels"].to(device))
+            both = logps.sum(dim=-1).cpu()  # (2B,)
+            scores[indices] = torch.stack([both[: len(indices)], both[len(indices) :]], dim=-1)
+        return scores
 
     def supervised_count(self, batch: Batch) -> int:
         return batch["input_ids"].shape[0] // 2
@@ -81,8 +134,11 @@ class DPOObjective:
         pairs = input_ids.shape[0] // 2
         token_lp = token_logprobs(model(input_ids), labels)  # (2B, T)
         policy = token_lp.sum(dim=-1)
-        with torch.no_grad():
-            reference = token_logprobs(self.reference(input_ids), labels).sum(dim=-1)
+        if "reference_logps" in batch:
+            reference = batch["reference_logps"].float()
+        else:
+            with torch.no_grad():
+                reference = token_logprobs(self.reference(input_ids), labels).sum(dim=-1)
         scored = (labels != IGNORE_INDEX).sum(dim=-1)  # (2B,)
         losses = dpo_losses(
             policy[:pairs],

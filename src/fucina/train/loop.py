@@ -283,6 +283,9 @@ class Trainer:
             config, run.path, self.tokenizer, self.context_length, DataShard(rank=0, world_size=1)
         )
         log.info("data: %s", self.data.summary)
+        prepare = getattr(self.objective, "prepare", None)  # one-off work on the data (DPO's reference)
+        if prepare is not None:
+            prepare(self.data, run.path, self.device)
 
         self.total_steps = self._total_steps()
         self.schedule: LRSchedule = build_schedule(config.schedule, config.optim.lr, self.total_steps)

@@ -47,7 +47,9 @@ def _language_modeling(config: TrainConfig, frozen: Model | None) -> Objective:
 
 def _dpo(config: TrainConfig, reference: Model | None) -> Objective:
     dpo = config.dpo
-    return DPOObjective(reference, dpo.loss, dpo.beta, dpo.label_smoothing, dpo.rpo_alpha)
+    return DPOObjective(
+        reference, dpo.loss, dpo.beta, dpo.label_smoothing, dpo.rpo_alpha, dpo.precompute_reference
+    )
 
 
 def _distill(config: TrainConfig, teacher: Model | None) -> Objective:
