@@ -115,6 +115,23 @@ def test_alpha_one_is_plain_training(tmp_path, tokenizer_dir, pretrained_run):
     assert _losses(tmp_path / "plain") == pytest.approx(_losses(tmp_path / "distill"), abs=1e-5)
 
 
+def test_distillation_on_chat_data_logs_both_terms_per_token(tmp_path, tokenizer_dir, pretrained_run):
+    config = _distill_config(tokenizer_dir, pretrained_run, data="chat", alpha=0.0, divergence="reverse_kl")
+    config = {
+        **config,
+        "data": {"train": ["builtin:chat"], "val_fraction": 0.1},
+        "train": {**config["train"], "max_steps": 2},
+        "log": {**config["log"], "every": 1},
+    }
+    train(config_from_dict(config), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if r["kind"] == "train")
+    evaluation = next(r for r in records if r["kind"] == "eval")
+    assert step["divergence"] > 0 and step["ce"] > 0
+    assert step["loss"] == pytest.approx(step["divergence"], rel=1e-6)  # alpha 0, T 1: the loss is D alone
+    assert evaluation["val_loss"] == pytest.approx(evaluation["divergence"], rel=1e-6)
+
+
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer_dir, pretrained_run):
     teacher = tmp_path / "teacher"
     shutil.copytree(pretrained_run / "final", teacher)
