@@ -21,7 +21,7 @@ Design choices:
 - Precision: fp32 master weights always. bf16 autocast (CPU or CUDA) needs no loss scaling; fp16 autocast
   only on CUDA with GradScaler (CPU fp16 is refused).
 - A stage that needs a frozen second model (DPO's reference, distillation's teacher) gets it loaded once
-  from the config's path, in eval mode with requires_grad off (bf16 on a GPU that has it, else fp32),
+  from the config's path, in eval mode with requires_grad off (a teacher in bf16 on a GPU that has it),
   never saved in checkpoints: a resumed run reloads the same weights. Its tokenizer must be the run's
   (same vocabulary and ids), or the two models' token distributions would not compare.
 - An objective's `unit_sums` are reported as means per unit of the step (training) or of the
@@ -313,7 +313,9 @@ class Trainer:
         path = path or self.config.init_from
         if path is None:
             raise ConfigError(f"stage {self.config.stage} needs a {role} model and none is configured")
-        bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # A bf16 teacher halves its memory; the reference stays fp32 like the policy's master weights, so
+        # the two agree exactly at the first step (h = 0, loss ln 2).
+        bf16 = role == "teacher" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         with torch.random.fork_rng(devices=[]):  # building it must not move the run's random stream
             model, tokenizer = load_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
         if tokenizer.backend.get_vocab() != self.tokenizer.backend.get_vocab():
