@@ -110,15 +110,23 @@ class PackedLinear(nn.Module):
         self.packed_key: tuple | None = None  # (storage address, version) of the weight it was made from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        # Eager decoding calls this tens of times per token: the packed product comes first and
+        # directly (a packed copy exists only for a CPU weight, so x is on the CPU too).
+        packed = self.packed
+        if packed is not None and x.dtype == packed.dtype and x.device.type == "cpu":
+            return _packed_product(x, packed, self.linear.bias)
+        return F.linear(x, self.linear.weight, self.linear.bias)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile: one row as inductor's own loop, several rows as an opaque packed op."""
         weight, bias = self.linear.weight, self.linear.bias
         if x.device.type == "cpu":
-            compiling = torch.compiler.is_compiling()
-            if compiling and x.numel() == x.size(-1):  # one row, compiled
+            if x.numel() == x.size(-1):  # one row
                 return row_times_weight(x, weight, bias)
             if self.packed is not None and x.dtype == self.packed.dtype:
-                if compiling:  # an opaque op to inductor (eagerly a direct call: 1.5 µs less)
-                    return packed_linear(x, self.packed, bias, self.out_features)
-                return _packed_product(x, self.packed, bias)
+                return packed_linear(x, self.packed, bias, self.out_features)
         return F.linear(x, weight, bias)
 
     def repack(self) -> None:
