@@ -498,9 +498,7 @@ def build_sft_data(
     """Chat fine-tuning: conversations tokenized with the template, assistant tokens supervised."""
     from fucina.data.sft import SFTDataset
 
-    eval_batch = config.eval.batch_size or config.train.batch_size
-    if tokenizer.pad_id is None:
-        raise TokenizerError(f"the {tokenizer.template.name!r} tokenizer has no pad token, needed for SFT")
+    _require_pad(tokenizer, "SFT")
     stats = ReadStats()
     conversations = list(
         islice(
@@ -522,15 +520,7 @@ def build_sft_data(
                 name,
                 context_length,
             )
-    batches = SFTBatches(
-        train_set,
-        config.train.batch_size,
-        config.train.seed,
-        tokenizer.pad_id,
-        config.train.grad_accum,
-        shard,
-    )
-    val = SFTValidation(val_set, tokenizer, eval_batch, tokenizer.pad_id, shard)
+    batches, val = _example_batches(train_set, val_set, config, tokenizer, shard)
     summary = (
         f"{len(train_set):,} training conversations ({sum(train_set.lengths):,} tokens), "
         f"{len(val_set):,} validation conversations"
@@ -548,9 +538,7 @@ def build_preference_data(
     """DPO: preference pairs (data/preferences.py), held out by the same seeded rule as conversations."""
     from fucina.data.preferences import PreferenceDataset, collate_pairs, read_preference_pairs
 
-    eval_batch = config.eval.batch_size or config.train.batch_size
-    if tokenizer.pad_id is None:
-        raise TokenizerError(f"the {tokenizer.template.name!r} tokenizer has no pad token, needed for DPO")
+    _require_pad(tokenizer, "DPO")
     pairs = list(islice(read_preference_pairs(config.data.train), config.data.max_documents))
     if config.data.val:
         train_pairs, val_pairs = pairs, list(read_preference_pairs(config.data.val))
@@ -560,6 +548,32 @@ def build_preference_data(
     val_set = PreferenceDataset(val_pairs, tokenizer, context_length)
     if len(train_set) == 0:
         raise DataError("no training preference pair is usable (identical answers or nothing scored)")
+    batches, val = _example_batches(train_set, val_set, config, tokenizer, shard, collate_pairs)
+    summary = (
+        f"{len(train_set):,} training preference pairs ({train_set.dropped} dropped), "
+        f"{len(val_set):,} validation pairs"
+    )
+    return StageData(batches, val, summary)
+
+
+def _require_pad(tokenizer: FucinaTokenizer, purpose: str) -> None:
+    """Examples of different lengths are padded: refuse a tokenizer without a pad token."""
+    if tokenizer.pad_id is None:
+        raise TokenizerError(
+            f"the {tokenizer.template.name!r} tokenizer has no pad token, needed for {purpose}"
+        )
+
+
+def _example_batches(
+    train_set,
+    val_set,
+    config: TrainConfig,
+    tokenizer: FucinaTokenizer,
+    shard: DataShard,
+    collate: Collate | None = None,
+) -> tuple[SFTBatches, SFTValidation]:
+    """Training batches and validation of padded examples (conversations, preference pairs)."""
+    eval_batch = config.eval.batch_size or config.train.batch_size
     batches = SFTBatches(
         train_set,
         config.train.batch_size,
@@ -567,14 +581,10 @@ def build_preference_data(
         tokenizer.pad_id,
         config.train.grad_accum,
         shard,
-        collate_pairs,
+        collate,
     )
-    val = SFTValidation(val_set, tokenizer, eval_batch, tokenizer.pad_id, shard, collate_pairs)
-    summary = (
-        f"{len(train_set):,} training preference pairs ({train_set.dropped} dropped), "
-        f"{len(val_set):,} validation pairs"
-    )
-    return StageData(batches, val, summary)
+    val = SFTValidation(val_set, tokenizer, eval_batch, tokenizer.pad_id, shard, collate)
+    return batches, val
 
 
 def build_distill_data(
