@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fucina.train.config import ScheduleSection
@@ -46,3 +48,53 @@ def test_warmup_longer_than_the_run_is_clamped():
     schedule = build_schedule(ScheduleSection(warmup_steps=500), peak_lr=1e-3, total_steps=20)
     assert schedule.warmup_steps == 20
     assert schedule.lr_at(20) == pytest.approx(1e-3)
+
+
+def wsd(shape: str, min_lr: float = 1e-4):
+    section = ScheduleSection(name="wsd", warmup_steps=10, decay_ratio=0.2, decay_shape=shape, min_lr=min_lr)
+    return build_schedule(section, peak_lr=1e-3, total_steps=100)
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt", "exp"])
+def test_wsd_warms_up_holds_the_peak_then_decays_over_the_last_fifth_to_min_lr(shape):
+    schedule = wsd(shape)
+    assert schedule.decay_steps == 20
+    assert schedule.decay_start == 81
+    assert schedule.lr_at(5) == pytest.approx(0.5e-3)
+    assert {schedule.lr_at(step) for step in range(10, 81)} == {1e-3}
+    assert schedule.lr_at(81) < 1e-3
+    assert schedule.lr_at(100) == pytest.approx(1e-4)
+    rates = [schedule.lr_at(step) for step in range(80, 101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_wsd_decay_shapes_at_the_middle_of_the_decay():
+    # Step 90 is halfway through the decay (steps 81..100).
+    assert wsd("linear").lr_at(90) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert wsd("cosine").lr_at(90) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert wsd("cosine").lr_at(85) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert wsd("sqrt").lr_at(90) == pytest.approx(1e-4 + 0.9e-3 * (1 - math.sqrt(0.5)))
+    assert wsd("exp").lr_at(90) == pytest.approx(1e-3 * 0.1**0.5)  # geometric mean of peak and min_lr
+
+
+def test_wsd_exp_with_zero_min_lr_decays_geometrically_then_ends_at_zero():
+    schedule = wsd("exp", min_lr=0.0)
+    assert schedule.lr_at(90) == pytest.approx(1e-3 * 1e-3**0.5)
+    assert schedule.lr_at(100) == 0.0
+
+
+def test_the_schedule_per_optimizer_step_does_not_depend_on_gradient_accumulation():
+    """The rate is a function of the optimizer step: grad_accum changes neither the total nor the rates."""
+    from fucina.train.config import config_from_dict
+
+    rates = []
+    for accum in (1, 4):
+        config = config_from_dict(
+            {
+                "train": {"max_steps": 100, "grad_accum": accum},
+                "schedule": {"name": "wsd", "warmup_steps": 10},
+            }
+        )
+        schedule = build_schedule(config.schedule, config.optim.lr, config.train.max_steps)
+        rates.append([schedule.lr_at(step) for step in range(1, 101)])
+    assert rates[0] == rates[1]

@@ -60,24 +60,52 @@ class DataSection:
 
 
 @dataclass
+class LeRaCSection:
+    """LeRaC (Croitoru et al., arXiv 2205.09180): deeper layers start at lower rates (see lerac.py)."""
+
+    enabled: bool = False
+    c: float = 10.0  # the rate at depth d starts at lr * c^-d
+    steps: int = 100  # optimizer step by which every group has grown to the common rate
+    min_lr: float = 1e-8  # floor of the starting rates
+
+
+@dataclass
 class OptimSection:
     """AdamW hyper-parameters; weight decay applies to matrices only (see optim.py)."""
 
+    name: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
+    lerac: LeRaCSection = field(default_factory=LeRaCSection)
 
 
 @dataclass
 class ScheduleSection:
-    """Learning-rate schedule: warmup (steps or ratio of the run) then cosine decay, or constant."""
+    """Learning-rate schedule: warmup (steps or ratio of the run) then cosine decay, constant, or
+    warmup-stable-decay (wsd: the peak held, then a decay over the last `decay_ratio` of the run)."""
 
-    name: Literal["cosine", "constant"] = "cosine"
+    name: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int | None = None
     warmup_ratio: float | None = None
     min_lr: float = 0.0
+    decay_ratio: float = 0.2  # wsd only
+    decay_shape: Literal["linear", "cosine", "sqrt", "exp"] = "linear"  # wsd only
+
+
+@dataclass
+class AveragingSection:
+    """Weight averaging kept beside the trained weights (see averaging.py)."""
+
+    kind: Literal["none", "ema", "swa"] = "none"
+    ema_decay: float = 0.999
+    # Fraction of the run after which averaging starts; None: the schedule's decay phase for swa, 0 for ema.
+    start: float | None = None
+    every: int = 1  # fold the weights in every N optimizer steps
+    # What best/ and final/ hold: best (whichever of raw and averaged has the lower val loss), raw, averaged.
+    publish: Literal["best", "raw", "averaged"] = "best"
 
 
 @dataclass
@@ -160,6 +188,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    averaging: AveragingSection = field(default_factory=AveragingSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -193,6 +222,9 @@ class TrainConfig:
             raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
         if not 0.0 <= s.min_lr <= self.optim.lr:
             raise ConfigError(f"schedule.min_lr must be in [0, optim.lr], got {s.min_lr}")
+        if not 0.0 <= s.decay_ratio <= 1.0:
+            raise ConfigError(f"schedule.decay_ratio must be in [0, 1], got {s.decay_ratio}")
+        self._validate_recipe()
         if len(self.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.optim.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {self.optim.betas}")
         if self.optim.weight_decay < 0 or self.optim.grad_clip < 0:
@@ -219,6 +251,22 @@ class TrainConfig:
             )
         self._validate_post_training()
         return self
+
+    def _validate_recipe(self) -> None:
+        lerac, averaging = self.optim.lerac, self.averaging
+        if lerac.enabled:
+            if lerac.c < 1.0:
+                raise ConfigError(f"optim.lerac.c must be >= 1 (deeper layers start lower), got {lerac.c}")
+            _positive("optim.lerac.steps", lerac.steps)
+            if not 0.0 < lerac.min_lr <= self.optim.lr:
+                raise ConfigError(f"optim.lerac.min_lr must be in (0, optim.lr], got {lerac.min_lr}")
+        if not 0.0 < averaging.ema_decay < 1.0:
+            raise ConfigError(f"averaging.ema_decay must be in (0, 1), got {averaging.ema_decay}")
+        if averaging.start is not None and not 0.0 <= averaging.start < 1.0:
+            raise ConfigError(f"averaging.start must be in [0, 1), got {averaging.start}")
+        _positive("averaging.every", averaging.every)
+        if averaging.kind == "none" and averaging.publish == "averaged":
+            raise ConfigError("averaging.publish is averaged but averaging.kind is none")
 
     def _validate_post_training(self) -> None:
         dpo, distill = self.dpo, self.distill

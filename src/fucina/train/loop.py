@@ -61,8 +61,10 @@ from fucina.model_dir import BEST_DIR, FINAL_DIR, load_pretrained
 from fucina.presets import get_preset
 from fucina.tokenizer import FucinaTokenizer
 from fucina.train.activation_checkpointing import apply_activation_checkpointing
+from fucina.train.averaging import WeightAverage, averaging_start_step
 from fucina.train.checkpoint import save_checkpoint
 from fucina.train.config import TrainConfig, scientific_floats
+from fucina.train.lerac import lerac_factor
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
 from fucina.train.optim import build_optimizer
 from fucina.train.run_dir import RunDirectory, RunDirectoryError, open_run_directory, publish_model_dir
@@ -291,10 +293,18 @@ class Trainer:
         self.schedule: LRSchedule = build_schedule(config.schedule, config.optim.lr, self.total_steps)
         self.optimizer, groups = build_optimizer(self.model, config.optim)
         log.info(
-            "AdamW: weight decay on %d tensors, none on %d (embeddings, norms, biases)",
+            "%s: weight decay on %d tensors, none on %d (embeddings, norms, biases)%s",
+            config.optim.name,
             len(groups.decay),
             len(groups.no_decay),
+            f"; LeRaC over {len(self.optimizer.param_groups)} groups" if config.optim.lerac.enabled else "",
         )
+        self.average: WeightAverage | None = None
+        self.published_weights = "raw"  # which weights the last evaluation chose for best/ and final/
+        if config.averaging.kind != "none":
+            start = averaging_start_step(config.averaging, self.total_steps, self.schedule.decay_start)
+            self.average = WeightAverage(self.model, config.averaging, start)
+            log.info("weight averaging: %s from step %d", config.averaging.kind, start)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.progress = Progress()
         self.timing = LoopTiming()
@@ -351,6 +361,7 @@ class Trainer:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "averaging": self.average.state_dict() if self.average is not None else None,
             "rng": _rng_state(),
             "progress": progress,
         }
@@ -360,6 +371,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.average is not None and state.get("averaging"):
+            self.average.load_state_dict(state["averaging"])
         progress = dict(state["progress"])
         epoch, index = progress.pop("position")
         self.progress = Progress(**progress, position=DataPosition(int(epoch), int(index)))
@@ -375,18 +388,39 @@ class Trainer:
         )
         log.debug("checkpoint %s", path)
 
-    def _publish(self, name: str, result: EvalResult | None) -> None:
+    def _publish(self, name: str, result: EvalResult | None, weights: str = "raw") -> None:
+        """Write best/ or final/ from the raw weights or the averaged ones (`weights`)."""
+
         def write(directory: Path) -> None:
-            save_model(self.model, directory)
+            averaged = weights == "averaged" and self.average is not None and self.average.active
+            with self.average.swapped_in() if averaged else contextlib.nullcontext():
+                save_model(self.model, directory)
             self.tokenizer.save(directory)
 
         info = {
             "stage": self.config.stage,
             "step": self.progress.step,
             "template": self.tokenizer.template.name,
+            "weights": weights,
             **(_eval_values(result) if result else {}),
         }
         publish_model_dir(self.run, name, write, info)
+
+    def _learning_rates(self, step: int) -> list[float]:
+        """Each optimizer group's rate at `step`: the schedule's, times LeRaC's factor for its depth."""
+        lr = self.schedule.lr_at(step)
+        lerac, peak = self.config.optim.lerac, self.config.optim.lr
+        return [
+            lr * lerac_factor(lerac, peak, group.get("depth", 0), step)
+            for group in self.optimizer.param_groups
+        ]
+
+    def _group_rates(self, step: int) -> dict[str, float]:
+        """Per-group rates for the logs (LeRaC only: otherwise every group has the schedule's rate)."""
+        if not self.config.optim.lerac.enabled:
+            return {}
+        names = [group["name"] for group in self.optimizer.param_groups]
+        return {f"lr/{name}": rate for name, rate in zip(names, self._learning_rates(step))}
 
     # --- steps ---
 
@@ -401,8 +435,8 @@ class Trainer:
         config = self.config
         step = self.progress.step + 1
         lr = self.schedule.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group, rate in zip(self.optimizer.param_groups, self._learning_rates(step)):
+            group["lr"] = rate
         micro_batches, position = self.data.train.next_step(self.progress.position)
         # The step's normaliser, computed once (distributed training will sum it over ranks).
         supervised = sum(self.objective.supervised_count(b) for b in micro_batches)
@@ -436,6 +470,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update(step)
         self.progress.step = step
         self.progress.position = position
         self.progress.tokens_seen += tokens
@@ -468,12 +504,33 @@ class Trainer:
             objective={key: value / max(count, 1) for key, value in logs.items()},
         )
 
-    def _after_eval(self, result: EvalResult, train_loss: float | None) -> None:
+    def _evaluate_published(self) -> tuple[EvalResult, dict[str, Any]]:
+        """Evaluate the raw weights and, once averaging has started, the averaged ones; return the result
+        of the weights `averaging.publish` picks and the values to log beside it."""
+        raw = self.evaluate()
+        if self.average is None:
+            return raw, {}
+        extra: dict[str, Any] = {"raw_val_loss": raw.val_loss, "raw_val_bpb": raw.val_bpb}
+        averaged = None
+        if self.average.active:
+            with self.average.swapped_in():
+                averaged = self.evaluate()
+            extra.update(averaged_val_loss=averaged.val_loss, averaged_val_bpb=averaged.val_bpb)
+        publish = self.config.averaging.publish
+        use_averaged = averaged is not None and (
+            publish == "averaged" or (publish == "best" and averaged.val_loss < raw.val_loss)
+        )
+        self.published_weights = "averaged" if use_averaged else "raw"
+        extra["weights"] = self.published_weights
+        return (averaged if use_averaged else raw), extra
+
+    def _after_eval(self, result: EvalResult, train_loss: float | None, extra: dict[str, Any]) -> None:
+        """Best/early-stopping bookkeeping and the log record of one evaluation of the published weights."""
         p, e = self.progress, self.config.eval
         improved = result.val_loss < p.best_val_loss - e.min_delta
         if improved:
             p.best_val_loss, p.best_step, p.evals_without_improvement = result.val_loss, p.step, 0
-            self._publish(BEST_DIR, result)
+            self._publish(BEST_DIR, result, self.published_weights)
         else:
             p.evals_without_improvement += 1
         p.last_eval_step = p.step
@@ -491,6 +548,7 @@ class Trainer:
             "tokens_seen": p.tokens_seen,
             "train_loss": train_loss,
             **_eval_values(result),
+            **extra,
             "lr": self.schedule.lr_at(p.step),
             "elapsed_s": round(p.train_seconds, 2),
             "is_best": improved,
@@ -557,6 +615,7 @@ class Trainer:
                         {
                             "loss": loss,
                             "lr": self.schedule.lr_at(p.step),
+                            **self._group_rates(p.step),
                             "grad_norm": grad_norm,
                             "tokens_per_s": speed,
                             "tokens_seen": p.tokens_seen,
@@ -570,8 +629,8 @@ class Trainer:
                     eval_started = time.perf_counter()
                     train_loss = p.window_loss_sum / max(p.window_tokens, 1)
                     p.window_loss_sum, p.window_tokens = 0.0, 0
-                    last_result = self.evaluate()
-                    self._after_eval(last_result, train_loss)
+                    last_result, extra = self._evaluate_published()
+                    self._after_eval(last_result, train_loss, extra)
                     elapsed = time.perf_counter() - eval_started
                     aside, self.timing.eval_seconds = aside + elapsed, self.timing.eval_seconds + elapsed
                 if (ckpt_every and p.step % ckpt_every == 0) or last or p.stopped_early:
@@ -586,13 +645,13 @@ class Trainer:
                 if self.kill_after_step is not None and p.step == self.kill_after_step:
                     os.kill(os.getpid(), signal.SIGKILL)
         if last_result is None and p.last_eval_step != p.step:
-            last_result = self.evaluate()
-            self._after_eval(last_result, None)
+            last_result, extra = self._evaluate_published()
+            self._after_eval(last_result, None, extra)
         elif last_result is None:
             last_result = self._last_logged_eval()
         if not self.run.best.exists():
-            self._publish(BEST_DIR, last_result)
-        self._publish(FINAL_DIR, last_result)
+            self._publish(BEST_DIR, last_result, self.published_weights)
+        self._publish(FINAL_DIR, last_result, self.published_weights)
         self.metrics.write_stats(self._stats_progress(finished=True))
         self.metrics.close()
         best = self.metrics.stats.get("best") or {}
@@ -614,6 +673,7 @@ class Trainer:
         if not evals:
             return None
         last = evals[-1]
+        self.published_weights = last.get("weights", "raw")
         return EvalResult(last["val_loss"], last["val_ppl"], last["val_bpb"], last["val_tokens"])
 
 

@@ -1,4 +1,4 @@
-"""AdamW with two parameter groups: decayed matrices, undecayed everything else.
+"""AdamW (torch, or 8-bit from bitsandbytes/torchao) with decayed matrices and undecayed everything else.
 
 Design choices:
 - Weight decay shrinks weights toward zero. That is a useful prior for the matrices of attention and
@@ -8,17 +8,32 @@ Design choices:
 - Embeddings are recognised by module type (`nn.Embedding`), not by name, so a renamed layer cannot
   slip into the decayed group. A weight tied between the embedding and the output head is one
   parameter and is counted once, in the embedding (undecayed) group.
+- With LeRaC (train/lerac.py) the groups are further split by depth, so each depth gets its own rate;
+  every group carries its `name` and `depth` for logging.
+- `optim.name: adamw8bit` keeps Adam's two moments in 8 bits (block-wise quantised). bitsandbytes
+  (>= 0.50 has CPU kernels) is tried first, then torchao's `AdamW8bit`; the one chosen is logged, and if
+  neither imports the error says how to install one. Tensors under 4096 elements keep 32-bit state, as
+  both libraries do by default (quantising a norm's few gains saves nothing and costs accuracy).
 - `fused`/`foreach` are left to torch's defaults: both are deterministic for a fixed device.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from fucina.errors import ConfigError
 from fucina.train.config import OptimSection
+from fucina.train.lerac import model_depth, parameter_depth
+
+log = logging.getLogger(__name__)
+
+# Below this many elements a tensor keeps 32-bit optimizer state (bitsandbytes' and torchao's default).
+MIN_8BIT_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -31,35 +46,75 @@ class ParamGroups:
 
 def split_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], ParamGroups]:
     """Trainable parameters split into (decay, no_decay) by the rule in the module docstring."""
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    for name, param, decayed in _named_trainable(model):
+        (decay if decayed else no_decay).append(param)
+        (decay_names if decayed else no_decay_names).append(name)
+    return decay, no_decay, ParamGroups(decay_names, no_decay_names)
+
+
+def _named_trainable(model: nn.Module) -> list[tuple[str, nn.Parameter, bool]]:
+    """(name, parameter, decayed?) for each trainable parameter, a tied one once under its first name."""
     embedding_params = {
         id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding | nn.EmbeddingBag)
     }
-    decay, no_decay, decay_names, no_decay_names = [], [], [], []
     seen: set[int] = set()
+    named = []
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        if param.ndim >= 2 and id(param) not in embedding_params:
-            decay.append(param)
-            decay_names.append(name)
-        else:
-            no_decay.append(param)
-            no_decay_names.append(name)
-    return decay, no_decay, ParamGroups(decay_names, no_decay_names)
+        named.append((name, param, param.ndim >= 2 and id(param) not in embedding_params))
+    return named
 
 
-def build_optimizer(model: nn.Module, section: OptimSection) -> tuple[torch.optim.AdamW, ParamGroups]:
-    """AdamW over the model's trainable parameters with the decay/no-decay groups."""
-    decay, no_decay, names = split_param_groups(model)
-    groups = [
-        {"params": decay, "weight_decay": section.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=section.lr,
-        betas=(section.betas[0], section.betas[1]),
-        eps=section.eps,
-    )
-    return optimizer, names
+def param_groups(model: nn.Module, section: OptimSection) -> list[dict[str, Any]]:
+    """The optimizer's groups: decay/no_decay, and by depth when LeRaC is on; empty groups dropped."""
+    by_depth = section.lerac.enabled
+    n_layers = model_depth(model)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param, decayed in _named_trainable(model):
+        depth = parameter_depth(name, n_layers) if by_depth else 0
+        key = (depth, decayed)
+        if key not in groups:
+            label = "decay" if decayed else "no_decay"
+            groups[key] = {
+                "params": [],
+                "weight_decay": section.weight_decay if decayed else 0.0,
+                "name": f"depth{depth}/{label}" if by_depth else label,
+                "depth": depth,
+            }
+        groups[key]["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def _adamw8bit_class() -> type[torch.optim.Optimizer]:
+    try:
+        import bitsandbytes as bnb
+
+        log.info("optimizer: 8-bit AdamW from bitsandbytes %s", bnb.__version__)
+        return bnb.optim.AdamW8bit
+    except ImportError:
+        pass
+    try:
+        from torchao.optim import AdamW8bit
+
+        log.info("optimizer: 8-bit AdamW from torchao")
+        return AdamW8bit
+    except ImportError:
+        raise ConfigError(
+            "optim.name adamw8bit needs bitsandbytes >= 0.50 or torchao: pip install 'fucina[adam8bit]'"
+        ) from None
+
+
+def build_optimizer(model: nn.Module, section: OptimSection) -> tuple[torch.optim.Optimizer, ParamGroups]:
+    """AdamW (or 8-bit AdamW) over the model's trainable parameters with the groups described above."""
+    _, _, names = split_param_groups(model)
+    groups = param_groups(model, section)
+    kwargs = {"lr": section.lr, "betas": (section.betas[0], section.betas[1]), "eps": section.eps}
+    if section.name == "adamw8bit":
+        optimizer_class = _adamw8bit_class()
+        if optimizer_class.__module__.startswith("bitsandbytes"):
+            kwargs["min_8bit_size"] = MIN_8BIT_SIZE  # torchao's own threshold is the same
+        return optimizer_class(groups, **kwargs), names
+    return torch.optim.AdamW(groups, **kwargs), names
