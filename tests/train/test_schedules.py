@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from fucina.train.config import ScheduleSection
+from fucina.train.config import ScheduleSection, config_from_dict
+from fucina.train.loop import train
 from fucina.train.schedules import build_schedule
+from train_helpers import tiny_config
 
 
 def test_warmup_in_steps_rises_linearly_to_the_peak():
@@ -83,18 +86,24 @@ def test_wsd_exp_with_zero_min_lr_decays_geometrically_then_ends_at_zero():
     assert schedule.lr_at(100) == 0.0
 
 
-def test_the_schedule_per_optimizer_step_does_not_depend_on_gradient_accumulation():
-    """The rate is a function of the optimizer step: grad_accum changes neither the total nor the rates."""
-    from fucina.train.config import config_from_dict
-
+def test_the_loop_gives_the_same_rate_per_optimizer_step_with_and_without_gradient_accumulation(
+    tmp_path, tokenizer_dir
+):
+    """Micro-batches never advance the schedule (Elleci's scheduler counted them): 4 x 2 and 8 x 1 agree."""
     rates = []
-    for accum in (1, 4):
-        config = config_from_dict(
-            {
-                "train": {"max_steps": 100, "grad_accum": accum},
-                "schedule": {"name": "wsd", "warmup_steps": 10},
-            }
+    for accum, batch in ((1, 8), (4, 2)):
+        data = tiny_config(
+            tokenizer_dir,
+            schedule={"name": "wsd", "warmup_steps": 2, "decay_ratio": 0.5, "min_lr": 1.0e-4},
+            train={"grad_accum": accum, "batch_size": batch},
+            log={"every": 1},
         )
-        schedule = build_schedule(config.schedule, config.optim.lr, config.train.max_steps)
-        rates.append([schedule.lr_at(step) for step in range(1, 101)])
+        run = tmp_path / f"accum{accum}"
+        result = train(config_from_dict(data), run)
+        assert result.steps == 8
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rates.append([(r["step"], r["lr"]) for r in records if r["kind"] == "train"])
     assert rates[0] == rates[1]
+    expected = [1.5e-3, 3e-3, 3e-3, 3e-3, 2.275e-3, 1.55e-3, 0.825e-3, 1e-4]
+    assert [step for step, _ in rates[0]] == list(range(1, 9))
+    assert [lr for _, lr in rates[0]] == pytest.approx(expected)

@@ -66,7 +66,7 @@ from fucina.train.checkpoint import save_checkpoint
 from fucina.train.config import TrainConfig, scientific_floats
 from fucina.train.lerac import lerac_factor
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
-from fucina.train.optim import build_optimizer
+from fucina.train.optim import build_optimizer, optimizer_state_bytes
 from fucina.train.run_dir import RunDirectory, RunDirectoryError, open_run_directory, publish_model_dir
 from fucina.train.schedules import LRSchedule, build_schedule
 from fucina.train.stages import get_stage
@@ -595,6 +595,9 @@ class Trainer:
                 started = time.perf_counter()
                 aside = 0.0  # seconds of evaluation and checkpointing in this iteration
                 loss_sum, supervised, tokens, grad_norm, objective_logs = self.train_step()
+                if not self.timing.step_seconds:
+                    state_mib = optimizer_state_bytes(self.optimizer) / 2**20
+                    log.info("optimizer state: %.2f MiB (%s)", state_mib, config.optim.name)
                 seconds = time.perf_counter() - started
                 p.train_seconds += seconds
                 p.window_loss_sum += loss_sum

@@ -1,4 +1,5 @@
-"""What a run records about itself: metrics.jsonl, train_stats.json, TensorBoard events, plots/loss.png.
+"""What a run records about itself: metrics.jsonl, train_stats.json, TensorBoard events, plots/loss.png
+and plots/lr.png.
 
 Design choices:
 - metrics.jsonl is the complete log (one JSON object per line, `"kind": "train"` every `log.every`
@@ -34,6 +35,7 @@ METRICS_FILE = "metrics.jsonl"
 STATS_FILE = "train_stats.json"
 TENSORBOARD_DIR = "tb"
 PLOT_FILE = Path("plots") / "loss.png"
+LR_PLOT_FILE = Path("plots") / "lr.png"
 
 
 def collect_routing_statistics(model: nn.Module) -> dict[str, list[int]]:
@@ -180,6 +182,33 @@ class MetricsLogger:
         figure.savefig(buffer, format="png")
         (self.run_dir / PLOT_FILE).parent.mkdir(parents=True, exist_ok=True)
         write_atomically(self.run_dir / PLOT_FILE, buffer.getvalue())
+        self._write_lr_plot()
+
+    def _write_lr_plot(self) -> None:
+        """plots/lr.png: the learning rate against the step, one line per optimizer group when the groups'
+        rates differ (LeRaC logs them as `lr/<group>`), else the schedule's one line."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        train = [r for r in self.records if r.get("kind") == "train" and "lr" in r]
+        if not train:
+            return
+        keys = sorted({k for r in train for k in r if k.startswith("lr/")}) or ["lr"]
+        figure = Figure(figsize=(7, 4.5), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        for key in keys:
+            points = [(r["step"], r[key]) for r in train if key in r]
+            axes.plot(*zip(*points), label=key.removeprefix("lr/"), linewidth=1)
+        axes.set_xlabel("step")
+        axes.set_ylabel("learning rate")
+        axes.set_title(f"{self.run_dir.name} ({self.stage})")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        write_atomically(self.run_dir / LR_PLOT_FILE, buffer.getvalue())
 
     def close(self) -> None:
         if self.writer is not None:

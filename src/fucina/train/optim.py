@@ -118,3 +118,13 @@ def build_optimizer(model: nn.Module, section: OptimSection) -> tuple[torch.opti
             kwargs["min_8bit_size"] = MIN_8BIT_SIZE  # torchao's own threshold is the same
         return optimizer_class(groups, **kwargs), names
     return torch.optim.AdamW(groups, **kwargs), names
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the optimizer's per-parameter state tensors (moments, quantisation maps, scales)."""
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
+    )
