@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fucina.errors import ConfigError
 from fucina.train.averaging import WeightAverage, averaging_start_step
 from fucina.train.checkpoint import list_checkpoints, load_checkpoint
 from fucina.train.config import AveragingSection, ScheduleSection, config_from_dict
@@ -121,3 +122,16 @@ def test_publish_best_picks_the_weights_with_the_lower_validation_loss(tmp_path,
         better = "averaged" if record["averaged_val_loss"] < record["raw_val_loss"] else "raw"
         assert record["weights"] == better
         assert record["val_loss"] == min(record["averaged_val_loss"], record["raw_val_loss"])
+
+
+@pytest.mark.parametrize(
+    ("averaging", "message"),
+    [
+        ({"publish": "averaged"}, "averaging.kind is none"),
+        ({"kind": "ema", "ema_decay": 1.0}, "averaging.ema_decay"),
+        ({"kind": "swa", "start": 1.0}, "averaging.start"),
+    ],
+)
+def test_bad_averaging_settings_are_refused_by_name(averaging, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"train": {"max_steps": 10}, "averaging": averaging})

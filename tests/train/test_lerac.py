@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from fucina.errors import ConfigError
 from fucina.model.transformer import Transformer
 from fucina.presets import get_preset
 from fucina.train.config import LeRaCSection, OptimSection, config_from_dict
@@ -83,3 +84,12 @@ def test_the_loop_sets_and_logs_each_groups_rate_at_known_steps(tmp_path, tokeni
     for step in (4, 8):
         group_rates = [value for key, value in rates[step].items() if key.startswith("lr/")]
         assert len(group_rates) == 7 and group_rates == pytest.approx([peak] * 7)
+
+
+@pytest.mark.parametrize(
+    ("lerac", "message"),
+    [({"c": 0.5}, "optim.lerac.c"), ({"steps": 0}, "optim.lerac.steps"), ({"min_lr": 1.0}, "min_lr")],
+)
+def test_bad_lerac_settings_are_refused_by_name(lerac, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"train": {"max_steps": 10}, "optim": {"lerac": {"enabled": True, **lerac}}})

@@ -2,7 +2,8 @@
 
 Layout: `<run>/checkpoints/step-00000500/` holding
 - `model.safetensors`  the float32 weights (full precision, whatever the autocast dtype was),
-- `trainer_state.pt`   optimizer (+ GradScaler) state, RNG states, data position, step and progress,
+- `trainer_state.pt`   optimizer (+ GradScaler) state, the weight average (EMA/SWA, if any), RNG states,
+                       data position, step and progress,
                        plain tensors/numbers/lists only, loaded with `torch.load(weights_only=True)`,
 - `manifest.json`      written last: step, and each file's size and SHA-256.
 

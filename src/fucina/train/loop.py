@@ -11,11 +11,16 @@ Design choices:
   the stage's name. For the LM objective the loss is the model's fused LM-head cross-entropy.
 - One process for now: the data is built for rank 0 of 1 (data/loaders.py shards by rank already);
   distributed training will set the shard and sum the step's supervised count over ranks.
-- Exact resume on CPU: the checkpoint holds the float32 weights, AdamW's state, every RNG (python,
+- Exact resume on CPU: the checkpoint holds the float32 weights, the optimizer's state, the weight
+  average (train/averaging.py), every RNG (python,
   numpy, torch CPU and CUDA), the data position (epoch, index; the order itself is a pure function of
   (seed, epoch)), the step, the early-stopping state and the running metrics. The learning rate is a
   function of the step. So killing a run at any point and resuming it reproduces the uninterrupted run
   bit for bit (with the same thread count; tests/train/test_resume.py checks it with SIGKILL).
+- Each optimizer group's rate is the schedule's at the optimizer step times LeRaC's factor for the
+  group's depth (train/lerac.py; 1 when LeRaC is off).
+- With weight averaging, every evaluation scores the raw and the averaged weights; `averaging.publish`
+  picks which of them best/ and final/ hold and whose loss drives best/ and early stopping.
 - Gradient accumulation divides every micro-batch's summed loss by the supervised-token count of the
   WHOLE step, so a step's gradient is that of the token-mean loss over all its micro-batches.
 - Precision: fp32 master weights always. bf16 autocast (CPU or CUDA) needs no loss scaling; fp16 autocast

@@ -103,7 +103,7 @@ def _adamw8bit_class() -> type[torch.optim.Optimizer]:
         return AdamW8bit
     except ImportError:
         raise ConfigError(
-            "optim.name adamw8bit needs bitsandbytes >= 0.50 or torchao: pip install 'fucina[adam8bit]'"
+            "optim.name adamw8bit needs bitsandbytes >= 0.50 or torchao: pip install 'fucina[adamw8bit]'"
         ) from None
 
 
