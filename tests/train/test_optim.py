@@ -69,7 +69,6 @@ def _train_100_steps(name: str) -> tuple[Transformer, list[float], torch.optim.O
 
 
 def test_adamw8bit_tracks_torch_adamw_over_100_steps_with_a_quarter_of_the_state():
-    pytest.importorskip("bitsandbytes")
     exact, exact_losses, exact_optimizer = _train_100_steps("adamw")
     quantised, quantised_losses, optimizer = _train_100_steps("adamw8bit")
     assert type(optimizer).__name__ == "AdamW8bit"
@@ -86,7 +85,6 @@ def test_adamw8bit_tracks_torch_adamw_over_100_steps_with_a_quarter_of_the_state
 
 
 def test_adamw8bit_state_round_trips_through_a_state_dict():
-    pytest.importorskip("bitsandbytes")
     model, _, optimizer = _train_100_steps("adamw8bit")
     clone = copy.deepcopy(model)
     restored, _ = build_optimizer(clone, OptimSection(name="adamw8bit", lr=1e-3))
