@@ -28,6 +28,10 @@ Design choices:
   generations, chat sessions and servers; a model with a mixer that cannot decode at fixed shapes
   (Mamba) decodes eagerly, with a warning.
 - The host learns each step's tokens (it must, to report them), one synchronisation per step.
+- `add(..., logprobs=k)` asks for the log-probability of each reported token under the model's own
+  distribution (before penalties, temperature and filters, as OpenAI's API reports them) and the `k`
+  most likely alternatives; requests that do not ask pay nothing. `cancel(id)` drops a request, waiting
+  or running, so its row is free at the next step (a server's client that went away).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ class StepEvent:
     request_id: int
     token: int | None
     finished: str | None = None  # None while running; "stop", "length" or "context" once done
+    logprob: float | None = None  # log-probability of `token`, when the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely (token, logprob) at this step
 
 
 @dataclass
@@ -69,6 +75,8 @@ class _Request:
     next_token: int | None = None  # sampled, not yet reported
     row: int = -1
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    logprobs: int | None = None  # None: no logprobs; k: the token's and the top k alternatives'
+    next_logprobs: tuple[float | None, tuple[tuple[int, float], ...]] = (None, ())
 
 
 def compiled_forward(view: DecodingView, model: Transformer) -> Callable | None:
@@ -123,8 +131,11 @@ class Engine:
         self.ids = itertools.count()
         self.layout_changed = True  # a row joined or left since the cache was last told the lengths
 
-    def add(self, prompt: list[int], sampling: SamplingConfig) -> int:
-        """Queue a request; it joins the batch at the next step with a free row. Returns its id."""
+    def add(self, prompt: list[int], sampling: SamplingConfig, logprobs: int | None = None) -> int:
+        """Queue a request; it joins the batch at the next step with a free row. Returns its id.
+
+        `logprobs`: report each token's log-probability and the `logprobs` most likely alternatives.
+        """
         check_prompt(self.model, prompt, min(self.context, self.max_length))
         # Its sequence must fit the context, and every token but the last must fit the cache.
         room = min(self.context - len(prompt), self.max_length - len(prompt) + 1)
@@ -134,11 +145,29 @@ class Engine:
             sampling=sampling,
             budget=min(sampling.max_new_tokens, room),
             stop_ids=frozenset(sampling.stop_token_ids),
+            logprobs=logprobs,
         )
         if sampling.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
         self.waiting.append(request)
         return request.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a waiting or running request (no further events); whether it was found."""
+        for request in self.waiting:
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return True
+        for request in self.rows:
+            if request is not None and request.id == request_id:
+                self._free(request)
+                return True
+        return False
+
+    @property
+    def running(self) -> int:
+        """How many rows hold a request."""
+        return sum(r is not None for r in self.rows)
 
     @property
     def idle(self) -> bool:
@@ -191,6 +220,7 @@ class Engine:
             self.lengths[row] = len(request.prompt)
             self.layout_changed = True
             request.next_token = self._sample(request, logits)
+            self._note_logprobs(request, logits)
 
     def _report(self, request: _Request) -> StepEvent:
         """The event for the token `request` sampled last; counts it against its budget."""
@@ -200,10 +230,11 @@ class Engine:
         if token in request.stop_ids:
             return StepEvent(request.id, None, "stop")
         request.produced += 1
+        logprob, top = request.next_logprobs
+        reason = None
         if request.produced == request.budget:
             reason = "length" if request.produced == request.sampling.max_new_tokens else "context"
-            return StepEvent(request.id, token, reason)
-        return StepEvent(request.id, token)
+        return StepEvent(request.id, token, reason, logprob, top)
 
     def _free(self, request: _Request) -> None:
         self.rows[request.row] = None
@@ -227,6 +258,8 @@ class Engine:
         else:
             for request in feeding:
                 request.next_token = self._sample(request, logits[request.row : request.row + 1])
+        for request in feeding:
+            self._note_logprobs(request, logits[request.row : request.row + 1])
 
     def _tell_cache_the_lengths(self) -> None:
         """One common length when the running rows agree (eager only), else per-row lengths."""
@@ -242,6 +275,15 @@ class Engine:
                 torch.tensor(self.lengths, device=self.device), torch.tensor(in_use, device=self.device)
             )
         self.layout_changed = False
+
+    def _note_logprobs(self, request: _Request, logits: torch.Tensor) -> None:
+        """Keep the log-probability of the token just chosen and the top alternatives, if asked."""
+        if request.logprobs is None:
+            return
+        logprobs = logits[0].float().log_softmax(dim=-1)  # (vocab,)
+        top = logprobs.topk(request.logprobs) if request.logprobs > 0 else None
+        pairs = () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist()))
+        request.next_logprobs = (float(logprobs[request.next_token]), pairs)
 
     def _sample(self, request: _Request, logits: torch.Tensor) -> int:
         token = choose_next_tokens(logits, request.sampling, request.seen, request.generator)
