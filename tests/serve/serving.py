@@ -1,6 +1,6 @@
-"""Test helpers: a tiny model directory that answers one Italian question by heart, and servers of it on free ports.
+"""Test helpers: a tiny model directory that knows one Italian answer by heart; servers of it.
 
-The model (d_model 64, 2 layers, context 128) is trained for a few hundred steps on one conversation, so
+The model (d_model 64, 2 layers, context 1024) is trained for a few hundred steps on one conversation, so
 its greedy reply is known text with accents (two-byte characters split across byte-level tokens); a
 real tokenizer trained on the built-in corpus is saved beside it, as `fucina train` would.
 `start_server(model_dir, **create_app_options)` runs uvicorn in a thread and yields the base URL.
@@ -8,9 +8,12 @@ real tokenizer trained on the built-in corpus is saved beside it, as `fucina tra
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +41,7 @@ def train_model_dir(directory: Path) -> Path:
     ids = torch.tensor([tokenizer.template.encode(tokenizer, messages).input_ids])  # (1, T)
     torch.manual_seed(0)
     config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, context_length=128, n_layers=2, d_model=64, n_heads=4, d_ff=128
+        vocab_size=tokenizer.vocab_size, context_length=1024, n_layers=2, d_model=64, n_heads=4, d_ff=128
     )
     model = Transformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -77,3 +80,23 @@ def start_server(model_dir: Path, **options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def post_json(url: str, body: dict | bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of a POST; error statuses are returned, not raised."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def sse_data(url: str, body: dict) -> list[bytes]:
+    """The raw `data:` payloads of a streamed POST, as bytes, exactly as the server sent them."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.read().split(b"\n")
+    return [line[len(b"data: ") :] for line in lines if line.startswith(b"data: ")]

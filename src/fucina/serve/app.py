@@ -194,8 +194,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request, COMPLETION_FIELDS)
-        start = [tokenizer.eos_id] if tokenizer.eos_id is not None else []  # documents follow an EOS
-        prompts = [start + ids for ids in _completion_prompts(body, tokenizer)]
+        prompts, start = _completion_prompts(body, tokenizer)
         room = min(check_prompt_length(ids, "prompt") for ids in prompts)
         stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         gen = parse_generation(body, stop_token_ids=stops, room=room, max_tokens_limit=context, chat=False)
@@ -236,22 +235,25 @@ def submit(scheduler: Scheduler, jobs: list) -> list:
         raise APIError(429, str(err), code="rate_limit_exceeded", kind="rate_limit_error") from None
 
 
-def _completion_prompts(body: dict, tokenizer) -> list[list[int]]:
-    """The prompt as token ids: a string, a list of strings, a list of ids, or a list of id lists."""
+def _completion_prompts(body: dict, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """(the prompts as token ids, the start they were given): text prompts follow an EOS, as documents
+    do in training; prompts given as token ids are taken exactly as they are.
+    """
     prompt = body.get("prompt")
     vocab = tokenizer.vocab_size
+    start = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
 
     def ids_ok(ids: Any) -> bool:
         return isinstance(ids, list) and bool(ids) and all(isinstance(i, int) and 0 <= i < vocab for i in ids)
 
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [start + tokenizer.encode(prompt)], start
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return [tokenizer.encode(p) for p in prompt]
+        return [start + tokenizer.encode(p) for p in prompt], start
     if ids_ok(prompt):
-        return [prompt]
+        return [prompt], []
     if isinstance(prompt, list) and prompt and all(ids_ok(p) for p in prompt):
-        return list(prompt)
+        return list(prompt), []
     raise invalid("prompt must be a string, a list of strings, or token ids", "prompt")
 
 

@@ -8,6 +8,8 @@ Design choices:
   what is left of the context and may not exceed the server's bound.
 - `n` choices of one request decode as `n` engine requests side by side; with a `seed`, choice `i`
   draws with `seed + i`, so they differ from each other yet repeat run to run, streamed or not.
+- `top_k`, `repetition_penalty` and `ignore_eos` (generate exactly `max_tokens`, for load tests) are
+  vLLM's extensions, which OpenAI clients send through `extra_body`.
 - Errors are `APIError`s carrying the HTTP status and OpenAI's error body shape.
 """
 
@@ -25,7 +27,7 @@ MAX_STOP_STRINGS = 4
 
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "n",
-    "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "logprobs",
+    "stream", "stream_options", "user", "frequency_penalty", "presence_penalty", "logprobs", "ignore_eos",
 }  # fmt: skip
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
@@ -131,6 +133,9 @@ def parse_generation(
             raise invalid("stream_options supports only include_usage", "stream_options")
     include_usage = bool((options or {}).get("include_usage", False))
     logprobs = _logprobs(body, chat)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise invalid("ignore_eos must be a boolean", "ignore_eos")
     samplings = [
         SamplingConfig(
             max_new_tokens=max_tokens,
@@ -138,7 +143,7 @@ def parse_generation(
             top_k=top_k,
             top_p=top_p,
             repetition_penalty=penalty,
-            stop_token_ids=tuple(stop_token_ids),
+            stop_token_ids=() if ignore_eos else tuple(stop_token_ids),
             seed=None if seed is None else seed + index,
         )
         for index in range(n)

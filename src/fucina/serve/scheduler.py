@@ -65,6 +65,7 @@ class Scheduler:
         self._listeners: dict[int, _Submit] = {}
         self._thread = threading.Thread(target=self._run, name="fucina-scheduler", daemon=True)
         self._stopping = False
+        self.generated = 0  # tokens handed to requests since the start
 
     def start(self) -> None:
         self._thread.start()
@@ -76,8 +77,12 @@ class Scheduler:
 
     @property
     def load(self) -> dict[str, int]:
-        """Running and waiting requests, as the engine sees them."""
-        return {"running": self.engine.running, "waiting": len(self.engine.waiting)}
+        """Running and waiting requests, as the engine sees them, and the tokens generated so far."""
+        return {
+            "running": self.engine.running,
+            "waiting": len(self.engine.waiting),
+            "generated_tokens": self.generated,
+        }
 
     def submit(
         self, prompts: list[tuple[list[int], SamplingConfig, int | None]]
@@ -125,6 +130,7 @@ class Scheduler:
                 listener = self._listeners.get(event.request_id)
                 if listener is None:
                     continue
+                self.generated += event.token is not None
                 self._deliver(listener, event)
                 if event.finished is not None:
                     del self._listeners[event.request_id]

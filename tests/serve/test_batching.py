@@ -1,0 +1,108 @@
+"""Continuous batching seen from clients: concurrent streams decode together and each gets the text it
+gets alone; a full server answers 429; a client that goes away frees its row at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+from serving import MODEL_NAME, start_server
+
+PROMPTS = [
+    "Perché", "Ciao, come stai?", "Il caffè", "città e virtù", "Più", "ciò è tutto",
+    "Com'è il caffè in città?", "buono", "Raccontami", "La", "Roma è una città antica e bella",
+    "Perché è già così", "e", "tutto", "virtù: ciò", "Un giorno d'estate, al mare",
+]  # fmt: skip
+LONG = {"ignore_eos": True}  # generate exactly max_tokens: the stream stays busy
+
+
+def _health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_sixteen_concurrent_streams_each_equal_their_solo_greedy_text(server_url):
+    options = dict(model=MODEL_NAME, temperature=0, max_tokens=24, extra_body=LONG)
+    client = OpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
+    alone = [client.completions.create(prompt=p, **options).choices[0].text for p in PROMPTS]
+    peak = 0
+
+    async def watch(done: asyncio.Event) -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, (await asyncio.to_thread(_health, server_url))["running"])
+            await asyncio.sleep(0.005)
+
+    async def run() -> list[str]:
+        together = AsyncOpenAI(base_url=f"{server_url}/v1", api_key="unused", max_retries=0)
+
+        async def one(prompt: str) -> str:
+            stream = await together.completions.create(prompt=prompt, stream=True, **options)
+            return "".join([chunk.choices[0].text async for chunk in stream])
+
+        done = asyncio.Event()
+        watcher = asyncio.create_task(watch(done))
+        texts = await asyncio.gather(*(one(p) for p in PROMPTS))
+        done.set()
+        await watcher
+        return texts
+
+    assert asyncio.run(run()) == alone
+    assert peak > 1  # the requests did decode side by side
+
+
+def _hold_stream(url: str, started: threading.Event, release: threading.Event) -> None:
+    body = {"prompt": "Ciao", "max_tokens": 1000, "stream": True, **LONG}
+    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        response.readline()
+        started.set()
+        release.wait(timeout=30)
+
+
+def test_requests_beyond_rows_and_queue_are_429_while_others_run(served_model_dir):
+    with start_server(served_model_dir, max_batch=1, max_queue=1) as url:
+        release = threading.Event()
+        holders = []
+        for _ in range(2):  # one running, one waiting
+            started = threading.Event()
+            holder = threading.Thread(target=_hold_stream, args=(url, started, release), daemon=True)
+            holder.start()
+            holders.append((holder, started))
+        try:
+            assert holders[0][1].wait(timeout=30)
+            deadline = time.monotonic() + 10
+            while _health(url)["waiting"] + _health(url)["running"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model=MODEL_NAME, prompt="Ciao", max_tokens=2)
+        finally:
+            release.set()
+            for holder, _ in holders:
+                holder.join(timeout=30)
+
+
+def test_a_client_that_disconnects_frees_its_row_at_once(served_model_dir):
+    with start_server(served_model_dir, max_batch=1, max_queue=0) as url:
+        before = _health(url)["generated_tokens"]
+        body = {"prompt": "Ciao", "max_tokens": 1000, "stream": True, **LONG}
+        request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode())
+        response = urllib.request.urlopen(request, timeout=60)
+        assert response.readline().startswith(b"data: ")
+        response.close()
+        deadline = time.monotonic() + 5
+        while _health(url)["running"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        health = _health(url)
+        assert health["running"] == 0
+        assert health["generated_tokens"] - before < 1000  # cut short, not run to its end
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        reply = client.completions.create(model=MODEL_NAME, prompt="Ciao", max_tokens=2, extra_body=LONG)
+        assert reply.usage.completion_tokens == 2  # the only row was free again
