@@ -217,12 +217,16 @@ def create_app(
                 ticket.cancel()
         return reply.whole(results)
 
-    if (STATIC_DIR / "index.html").is_file():
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        page = STATIC_DIR / "index.html"
+        if not page.is_file():
+            raise APIError(
+                404, "this installation has no web page (serve/static/index.html)", code="not_found"
+            )
+        return FileResponse(page, media_type="text/html")
 
-        @app.get("/", include_in_schema=False)
-        async def index() -> FileResponse:
-            return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
+    if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     return app

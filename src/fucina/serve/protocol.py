@@ -178,7 +178,7 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
         param = f"messages[{index}]"
         if not isinstance(message, dict):
             raise invalid("each message must be an object", param)
-        extra = set(message) - {"role", "content", "name"}
+        extra = set(message) - {"role", "content"}
         if extra:
             raise invalid(f"message fields {sorted(extra)} are not supported", param)
         if message.get("role") not in ROLES:
