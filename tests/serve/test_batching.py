@@ -4,6 +4,7 @@ gets alone; a full server answers 429; a client that goes away frees its row at 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
 import time
@@ -106,3 +107,20 @@ def test_a_client_that_disconnects_frees_its_row_at_once(served_model_dir):
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         reply = client.completions.create(model=MODEL_NAME, prompt="Ciao", max_tokens=2, extra_body=LONG)
         assert reply.usage.completion_tokens == 2  # the only row was free again
+
+
+def test_a_whole_response_client_that_gives_up_frees_its_row_too(served_model_dir):
+    with start_server(served_model_dir, max_batch=1, max_queue=0) as url:
+        before = _health(url)["generated_tokens"]
+        body = json.dumps({"prompt": "Ciao", "max_tokens": 1000, **LONG})
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=0.2)
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        with pytest.raises(TimeoutError):
+            connection.getresponse()
+        connection.close()
+        deadline = time.monotonic() + 5
+        while _health(url)["running"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        health = _health(url)
+        assert health["running"] == 0
+        assert health["generated_tokens"] - before < 1000

@@ -72,15 +72,16 @@ def test_api_key_guards_everything_but_health(served_model_dir):
     with start_server(served_model_dir, max_batch=1, api_key="s3cret") as url:
         with pytest.raises(openai.AuthenticationError):
             OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
-        for path in ("/v1/models", "/"):
+        for path in ("/v1/models", "/v1/chat/completions", "/detokenize"):
             with pytest.raises(urllib.error.HTTPError) as caught:
                 urllib.request.urlopen(f"{url}{path}", timeout=10)
             assert caught.value.code == 401
             _assert_openai_error(json.loads(caught.value.read()))
         status, _ = post_json(f"{url}/tokenize", {"prompt": "ciao"})
         assert status == 401
-        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
-            assert response.status == 200
+        for path in ("/health", "/"):  # the probe, and the page, which holds no data and asks for the key
+            with urllib.request.urlopen(f"{url}{path}", timeout=10) as response:
+                assert response.status == 200
         client = OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in client.models.list().data] == [MODEL_NAME]
         reply = client.chat.completions.create(

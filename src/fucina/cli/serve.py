@@ -1,7 +1,7 @@
 """`fucina serve`: the OpenAI-compatible API and the web chat page for one model (fucina.serve).
 
 Binds 127.0.0.1 unless `--host` says otherwise; `--api-key` (or $FUCINA_API_KEY) makes every path but
-/health require `Authorization: Bearer <key>`.
+/health and the web page require `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations

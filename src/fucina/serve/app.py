@@ -6,17 +6,17 @@ Design choices:
   name a file, and the only files served are the web page's own (serve/static/).
 - Generation goes through one `Scheduler` (scheduler.py) that steps one `Engine` for all requests
   (continuous batching); handlers only tokenize, submit, and turn events into OpenAI JSON or SSE.
-- Security by default: the CLI binds 127.0.0.1; with an API key every path but /health needs
-  `Authorization: Bearer <key>` (401 otherwise); bodies above `max_body_bytes` are refused (413) before
+- Security by default: the CLI binds 127.0.0.1; with an API key every path but /health and the web
+  page's own files needs `Authorization: Bearer <key>` (401 otherwise, guard.py); bodies above `max_body_bytes` are refused (413) before
   they are read; `max_tokens` may not exceed the model's context.
-- A streaming client that disconnects cancels its generator, whose `finally` cancels its engine
-  requests: the rows are free at the next step.
+- A client that disconnects cancels its engine requests, so their rows are free at the next step:
+  a stream's generator is cancelled (its `finally` cancels them); a whole-response request polls for
+  the disconnect while it waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +33,7 @@ from fucina.inference.engine import Engine
 from fucina.model_dir import BEST_DIR, FINAL_DIR, load_pretrained, resolve_model_dir
 from fucina.serve import responses
 from fucina.serve.generation import choice_pieces, collect, prompt_logprobs
+from fucina.serve.guard import Guard
 from fucina.serve.protocol import (
     CHAT_FIELDS,
     COMPLETION_FIELDS,
@@ -46,7 +47,7 @@ from fucina.serve.scheduler import QueueFullError, Scheduler
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1 << 20
-OPEN_PATHS = ("/health",)
+DISCONNECT_POLL_S = 0.05  # how often a non-streaming request checks that its client is still there
 
 
 def served_name(model_dir: str | Path) -> str:
@@ -87,20 +88,7 @@ def create_app(
     app.state.tokenizer = tokenizer
     app.state.model_name = name
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return _error(
-                    APIError(
-                        401, "invalid or missing API key", code="invalid_api_key", kind="authentication_error"
-                    )
-                )
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            return _error(APIError(413, f"the request body is larger than {max_body_bytes} bytes"))
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -184,12 +172,7 @@ def create_app(
         tickets = [t for t, _ in handles]
         if gen.stream:
             return _sse(reply.stream(pieces), tickets)
-        try:
-            results = await asyncio.gather(*(collect(p) for p in pieces))
-        finally:
-            for ticket in tickets:
-                ticket.cancel()
-        return reply.whole(results)
+        return reply.whole(await _collect_while_connected(request, pieces, tickets))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -210,12 +193,7 @@ def create_app(
         tickets = [t for t, _ in handles]
         if gen.stream:
             return _sse(reply.stream(pieces), tickets)
-        try:
-            results = await asyncio.gather(*(collect(p) for p in pieces))
-        finally:
-            for ticket in tickets:
-                ticket.cancel()
-        return reply.whole(results)
+        return reply.whole(await _collect_while_connected(request, pieces, tickets))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -259,6 +237,22 @@ def _completion_prompts(body: dict, tokenizer) -> tuple[list[list[int]], list[in
     if isinstance(prompt, list) and prompt and all(ids_ok(p) for p in prompt):
         return list(prompt), []
     raise invalid("prompt must be a string, a list of strings, or token ids", "prompt")
+
+
+async def _collect_while_connected(request: Request, pieces: list, tickets: list) -> list:
+    """Every choice whole; a client that disconnects first cancels them (its rows free at once)."""
+    whole = asyncio.ensure_future(asyncio.gather(*(collect(p) for p in pieces)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({whole}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return whole.result()
+            if await request.is_disconnected():
+                whole.cancel()
+                raise APIError(499, "the client closed the connection", code="client_closed_request")
+    finally:
+        for ticket in tickets:
+            ticket.cancel()
 
 
 def _error(err: APIError) -> JSONResponse:
