@@ -47,6 +47,7 @@ CHROMIUM_FLAGS = (
     "--window-size=1280,800",
 )
 QUESTION = "Qual è la capitale d'Italia?"
+FOLLOW_UP = "E quella della Francia?"
 REPLY_TOKENS = 128
 # The endless model needs seconds for this many tokens; the stop button must end the reply long before.
 LONG_REPLY_TOKENS = 4000
@@ -170,11 +171,26 @@ def test_streamed_greedy_reply_equals_the_api_answer_and_shows_tokens_per_second
     assert f"{expected['usage']['completion_tokens']} token" in stats.text and "token/s" in stats.text
     assert browser.find_element(By.ID, "send").is_enabled()
     assert not browser.find_element(By.ID, "stop").is_enabled()
+
     screenshot = tmp_path / "web-chat.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
     if not DOCS_SCREENSHOT.exists():
         DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot, DOCS_SCREENSHOT)
+
+    # The next question goes with the conversation so far, as the API would receive it.
+    follow_up = ask(browser, FOLLOW_UP, "0", REPLY_TOKENS)
+    assert wait_until_finished(follow_up) == "done"
+    conversation = [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": FOLLOW_UP},
+    ]
+    status, expected = post_json(
+        server_url + "/v1/chat/completions",
+        {"messages": conversation, "temperature": 0, "max_tokens": REPLY_TOKENS},
+    )
+    assert status == 200 and reply_text(follow_up) == expected["choices"][0]["message"]["content"]
 
 
 def test_stop_button_ends_a_long_reply_and_frees_the_servers_row(browser, endless_server_url):
@@ -197,3 +213,20 @@ def test_stop_button_ends_a_long_reply_and_frees_the_servers_row(browser, endles
     assert reply_text(reply) == shown
     assert browser.find_element(By.ID, "send").is_enabled()
     assert not browser.find_element(By.ID, "stop").is_enabled()
+
+
+def test_api_key_typed_once_authorises_the_page_for_the_whole_tab(browser, served_model_dir):
+    with start_server(served_model_dir, api_key="chiave-segreta") as url:
+        browser.get(url + "/")
+        model_name = browser.find_element(By.ID, "model-name")
+        WebDriverWait(browser, 10).until(lambda _: "chiave API" in model_name.text)
+        fill(browser, "api-key", "chiave-segreta")
+        browser.find_element(By.ID, "temperature").click()  # leaving the field commits the key
+        WebDriverWait(browser, 10).until(lambda _: MODEL_NAME in model_name.text)
+
+        browser.refresh()  # the key outlives a reload: it is in sessionStorage
+        assert browser.find_element(By.ID, "api-key").get_attribute("value") == "chiave-segreta"
+        open_chat(browser, url, MODEL_NAME)
+        reply = ask(browser, QUESTION, "0", REPLY_TOKENS)
+        assert wait_until_finished(reply) == "done" and reply_text(reply)
+        browser.execute_script("sessionStorage.clear();")
