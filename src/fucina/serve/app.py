@@ -95,9 +95,11 @@ def create_app(
         return _error(err)
 
     async def read_body(request: Request, allowed: set[str] | None = None) -> dict:
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"the request body is larger than {max_body_bytes} bytes")
+        raw = bytearray()
+        async for part in request.stream():  # counted as it arrives: a body without a length is bounded too
+            raw += part
+            if len(raw) > max_body_bytes:
+                raise APIError(413, f"the request body is larger than {max_body_bytes} bytes")
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -115,6 +117,13 @@ def create_app(
         elif not isinstance(body, dict):
             raise invalid("the request body must be a JSON object")
         return body
+
+    def render_chat(messages: list[dict[str, str]]) -> list[int]:
+        """The prompt ids of a conversation, by the model's chat template; a 400 if it cannot render it."""
+        try:
+            return tokenizer.template.encode_prompt(tokenizer, messages)
+        except FucinaError as err:
+            raise invalid(str(err), "messages") from None
 
     def check_prompt_length(ids: list[int], param: str) -> int:
         """Tokens left for the reply; a 400 naming the limit when the prompt leaves none."""
@@ -141,7 +150,7 @@ def create_app(
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await read_body(request)
         if "messages" in body:
-            ids = tokenizer.template.encode_prompt(tokenizer, parse_messages(body))
+            ids = render_chat(parse_messages(body))
         elif isinstance(body.get("prompt"), str):
             ids = tokenizer.encode(body["prompt"])
         else:
@@ -162,7 +171,7 @@ def create_app(
     async def chat_completions(request: Request):
         body = await read_body(request, CHAT_FIELDS)
         messages = parse_messages(body)
-        prompt = tokenizer.template.encode_prompt(tokenizer, messages)
+        prompt = render_chat(messages)
         room = check_prompt_length(prompt, "messages")
         stops = tokenizer.template.stop_token_ids(tokenizer)
         gen = parse_generation(body, stop_token_ids=stops, room=room, max_tokens_limit=context, chat=True)
