@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import threading
 import time
 import urllib.request
 
@@ -62,36 +61,23 @@ def test_32_concurrent_streams_each_equal_their_solo_greedy_text(server_url):
     assert peak > 1  # the requests did decode side by side
 
 
-def _hold_stream(url: str, started: threading.Event, release: threading.Event) -> None:
-    body = {"prompt": "Ciao", "max_tokens": 1000, "stream": True, **LONG}
-    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode())
-    with urllib.request.urlopen(request, timeout=60) as response:
-        response.readline()
-        started.set()
-        release.wait(timeout=30)
-
-
 def test_requests_beyond_rows_and_queue_are_429_while_others_run(served_model_dir):
+    """One row and one waiting place, both taken by a running request for two long choices."""
     with start_server(served_model_dir, max_batch=1, max_queue=1) as url:
-        release = threading.Event()
-        holders = []
-        for _ in range(2):  # one running, one waiting
-            started = threading.Event()
-            holder = threading.Thread(target=_hold_stream, args=(url, started, release), daemon=True)
-            holder.start()
-            holders.append((holder, started))
-        try:
-            assert holders[0][1].wait(timeout=30)
-            deadline = time.monotonic() + 10
-            while _health(url)["waiting"] + _health(url)["running"] < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-            with pytest.raises(openai.RateLimitError):
+        body = {"prompt": "Ciao", "max_tokens": 1000, "n": 2, "stream": True, **LONG}
+        request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode())
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with urllib.request.urlopen(request, timeout=60) as holder:
+            assert holder.readline().startswith(b"data: ")  # admitted: it holds the row and the queue
+            health = _health(url)
+            assert (health["running"], health["waiting"]) == (1, 1)
+            with pytest.raises(openai.RateLimitError) as caught:
                 client.completions.create(model=MODEL_NAME, prompt="Ciao", max_tokens=2)
-        finally:
-            release.set()
-            for holder, _ in holders:
-                holder.join(timeout=30)
+            assert caught.value.body["type"] == "rate_limit_error"
+        deadline = time.monotonic() + 10
+        while _health(url)["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.completions.create(model=MODEL_NAME, prompt="Ciao", max_tokens=2).choices
 
 
 def test_a_client_that_disconnects_frees_its_row_at_once(served_model_dir):

@@ -85,7 +85,6 @@ def create_app(
 
     app = FastAPI(title="fucina", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
-    app.state.tokenizer = tokenizer
     app.state.model_name = name
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fucina.errors import FucinaError
 from fucina.inference.chat import StreamingDetokenizer
 from fucina.inference.engine import StepEvent
 from fucina.model.transformer import Transformer
@@ -48,8 +49,10 @@ async def choice_pieces(
     detokenizer = StreamingDetokenizer(tokenizer, stop)
     while True:
         event: StepEvent | Exception = await events.get()
-        if isinstance(event, Exception):
-            raise APIError(400, str(event), kind="invalid_request_error")
+        if isinstance(event, FucinaError):  # the engine refused the request
+            raise APIError(400, str(event))
+        if isinstance(event, Exception):  # a decoding step failed
+            raise APIError(500, f"decoding failed: {event}", kind="server_error")
         tokens = []
         text = ""
         if event.token is not None:

@@ -150,9 +150,6 @@ class Scheduler:
                 self._cancel(item)
 
     def _add(self, submit: _Submit) -> None:
-        if submit.ticket.cancelled:
-            self._release()
-            return
         try:
             submit.ticket.engine_id = self.engine.add(submit.prompt, submit.sampling, submit.logprobs)
         except FucinaError as err:
