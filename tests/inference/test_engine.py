@@ -174,3 +174,25 @@ def test_a_long_lived_engine_decodes_the_current_weights():
             parameter.add_(torch.randn_like(parameter) * 0.5)
     tokens, _ = run(engine, {0: (PROMPTS[0], greedy)})
     assert list(tokens.values()) == [greedy_by_recomputation(model, PROMPTS[0], 6)]
+
+
+def test_eager_steps_decode_only_the_rows_up_to_the_last_busy_one():
+    model = tiny_model(positions="rope", n_kv_heads=2)
+    batch_sizes: list[int] = []
+    model.token_embedding.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].size(0)))
+    sampling = SamplingConfig(max_new_tokens=6, greedy=True)
+    alone = generate(model, [[1, 2, 3]], sampling)[0]
+    batch_sizes.clear()
+    engine = Engine(model, max_batch=8)
+    first = engine.add([1, 2, 3], sampling)
+    tokens: dict[int, list[int]] = {first: []}
+    for step in range(20):
+        if step == 2:
+            tokens[engine.add([4, 5], sampling)] = []
+        for event in engine.step():
+            if event.token is not None:
+                tokens[event.request_id].append(event.token)
+        if engine.idle:
+            break
+    assert tokens[first] == alone
+    assert max(batch_sizes) == 2  # two busy rows of eight: never a forward over all eight

@@ -242,15 +242,20 @@ class Engine:
         self.layout_changed = True
 
     def _decode(self, feeding: list[_Request]) -> None:
-        """One forward for every row (free rows compute on a dummy token), then sample per request."""
+        """One forward over the rows up to the last busy one (free rows below it compute on a dummy
+        token; compiled steps take every row, to keep one shape), then sample per request."""
         if self.layout_changed:
             self._tell_cache_the_lengths()
-        tokens = [0] * len(self.rows)
+        top = len(self.rows) if self.fixed_shapes else 1 + max(r.row for r in feeding)
+        tokens = [0] * top
         for request in feeding:
             tokens[request.row] = request.next_token
             self.lengths[request.row] += 1
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (B, 1)
-        logits = self.forward(ids, self.cache, last_only=True)[:, -1]  # (B, vocab)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (top, 1)
+        cache = self.cache if top == len(self.rows) else self.cache.first_rows(top)
+        logits = self.forward(ids, cache, last_only=True)[:, -1]  # (top, vocab)
+        if cache is not self.cache and cache.length is not None:
+            self.cache.length = cache.length  # a common length is a number: copy it back
         if all(r.sampling.is_greedy and r.sampling.repetition_penalty == 1.0 for r in feeding):
             chosen = logits.argmax(dim=-1).tolist()  # one call for the whole batch
             for request in feeding:

@@ -23,6 +23,8 @@ Design choices:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -126,6 +128,19 @@ class KVCache:
         else:
             self.lengths.add_(self.in_use, alpha=count)
 
+    def first_rows(self, count: int) -> KVCache:
+        """A view of rows 0..count-1 that shares every buffer: a forward over it fills this cache's rows.
+
+        Per-row lengths are views too, so they advance here; a common `length` is a number, which the
+        caller copies back after the forward.
+        """
+        view = copy.copy(self)
+        view.layers = [_first_rows_of_layer(layer, count) for layer in self.layers]
+        view.lengths = self.lengths[:count]
+        view.in_use = None if self.in_use is None else self.in_use[:count]
+        view.pad_lengths = None if self.pad_lengths is None else self.pad_lengths[:count]
+        return view
+
     def reset(self) -> None:
         """Forget the cached sequences (the buffers are reused)."""
         self.length = 0
@@ -135,3 +150,16 @@ class KVCache:
         """How many more slots fit (in the fullest row)."""
         used = self._length if self._length is not None else int(self.lengths.max())
         return self.max_length - used
+
+
+def _first_rows_of_layer(layer, count: int):
+    """A layer cache whose (B, ...) tensors are views of their first `count` rows.
+
+    Every layer cache (keys/values, latents, state-space state) keeps its per-row tensors as attributes
+    with the batch first and updates them in place, so views of them write through.
+    """
+    view = copy.copy(layer)
+    for name, value in vars(layer).items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            setattr(view, name, value[:count])
+    return view
