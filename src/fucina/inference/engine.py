@@ -220,7 +220,8 @@ class Engine:
             self.lengths[row] = len(request.prompt)
             self.layout_changed = True
             request.next_token = self._sample(request, logits)
-            self._note_logprobs(request, logits)
+            if request.logprobs is not None:
+                self._note_logprobs(request, logits)
 
     def _report(self, request: _Request) -> StepEvent:
         """The event for the token `request` sampled last; counts it against its budget."""
@@ -264,7 +265,8 @@ class Engine:
             for request in feeding:
                 request.next_token = self._sample(request, logits[request.row : request.row + 1])
         for request in feeding:
-            self._note_logprobs(request, logits[request.row : request.row + 1])
+            if request.logprobs is not None:  # most requests never ask: no per-row slicing for them
+                self._note_logprobs(request, logits[request.row : request.row + 1])
 
     def _tell_cache_the_lengths(self) -> None:
         """One common length when the running rows agree (eager only), else per-row lengths."""
@@ -282,9 +284,7 @@ class Engine:
         self.layout_changed = False
 
     def _note_logprobs(self, request: _Request, logits: torch.Tensor) -> None:
-        """Keep the log-probability of the token just chosen and the top alternatives, if asked."""
-        if request.logprobs is None:
-            return
+        """Keep the log-probability of the token just chosen and the top alternatives."""
         logprobs = logits[0].float().log_softmax(dim=-1)  # (vocab,)
         top = logprobs.topk(request.logprobs) if request.logprobs > 0 else None
         pairs = () if top is None else tuple(zip(top.indices.tolist(), top.values.tolist()))
