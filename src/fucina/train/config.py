@@ -175,6 +175,8 @@ class DistillSection:
     temperature: float = 1.0
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
     beta: float = 0.5  # the generalised JSD's mixture weight (divergence: jsd)
+    top_k: int | None = None  # offline mode: the teacher's top-k log-probabilities, computed once
+    teacher_topk: str | None = None  # a finished top-k cache to read (default: <run>/teacher_topk)
 
 
 @dataclass
@@ -284,8 +286,14 @@ class TrainConfig:
             raise ConfigError(f"distill.temperature must be > 0, got {distill.temperature}")
         if not 0.0 <= distill.beta <= 1.0:
             raise ConfigError(f"distill.beta must be in [0, 1], got {distill.beta}")
-        if self.stage == "distill" and distill.teacher is None:
-            raise ConfigError("stage distill needs distill.teacher (a model or run directory)")
+        if self.stage == "distill" and distill.teacher is None and distill.teacher_topk is None:
+            raise ConfigError(
+                "stage distill needs distill.teacher (a model or run directory) or distill.teacher_topk"
+            )
+        if distill.top_k is not None and distill.top_k < 1:
+            raise ConfigError(f"distill.top_k must be >= 1, got {distill.top_k}")
+        if distill.teacher_topk is not None and distill.top_k is None:
+            raise ConfigError("distill.teacher_topk needs distill.top_k (the offline mode)")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -311,7 +319,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         ("tokenizer", ("path", "inputs")),
         ("data", ("train", "val", "exclude")),
         ("dpo", ("reference",)),
-        ("distill", ("teacher",)),
+        ("distill", ("teacher", "teacher_topk")),
     ):
         node = data.get(section)
         if not isinstance(node, dict):

@@ -13,16 +13,29 @@ Design choices:
   The loop has checked that both share one tokenizer; D compares the logits both models have (the
   narrower width), so embedding tables padded to different sizes still compare.
 - alpha = 1 is plain training and skips the teacher's forward.
+- Offline mode (`top_k`): `prepare` runs the teacher once over the data into a top-k cache
+  (train/teacher_topk.py), then drops the model; the divergence compares the k + 1 buckets.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fucina.errors import ConfigError
 from fucina.train.objectives import IGNORE_INDEX, Batch, Model, ObjectiveOutput
+from fucina.train.teacher_topk import (
+    META_FILE,
+    TeacherTopK,
+    bucket_logprobs,
+    build_teacher_topk,
+    stored_bucket_logprobs,
+)
+
+TOPK_DIR = "teacher_topk"  # the run's own cache, unless distill.teacher_topk names one
 
 DIVERGENCES = {
     "forward_kl": 0.0,
@@ -58,13 +71,31 @@ class DistillationObjective:
 
     def __init__(
         self,
-        teacher: Model,
+        teacher: Model | None,
         alpha: float = 0.5,
         temperature: float = 1.0,
         beta: float = 0.0,
+        top_k: int | None = None,
+        topk_dir: str | None = None,
     ):
-        self.teacher = teacher
+        self.teacher: Model | TeacherTopK | None = teacher
         self.alpha, self.temperature, self.beta = alpha, temperature, beta
+        self.top_k, self.topk_dir = top_k, topk_dir
+
+    def prepare(self, data, run_dir: Path, device: torch.device) -> None:
+        """Offline mode: build (or reuse) the teacher's top-k cache, then read targets from it alone."""
+        if self.top_k is None or self.alpha == 1:
+            return
+        path = Path(self.topk_dir) if self.topk_dir else Path(run_dir) / TOPK_DIR
+        if not (path / META_FILE).is_file():
+            if not isinstance(self.teacher, torch.nn.Module):
+                raise ConfigError(
+                    f"distill.teacher_topk: {path} is not a finished cache and no teacher is set"
+                )
+            build_teacher_topk(
+                self.teacher, [data.train, data.val], path, self.top_k, self.temperature, device
+            )
+        self.teacher = TeacherTopK(path, self.temperature)
 
     def supervised_count(self, batch: Batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
@@ -78,12 +109,17 @@ class DistillationObjective:
         loss_sum = self.alpha * ce
         logs = {"ce": float(ce.detach())}
         if self.alpha < 1:
-            with torch.no_grad():
-                teacher = self.teacher(input_ids)[supervised].float()  # (N, V_teacher)
-            width = min(student.shape[-1], teacher.shape[-1])
-            divergence = generalized_jsd(
-                student[:, :width], teacher[:, :width], self.beta, self.temperature
-            ).sum()
+            if isinstance(self.teacher, TeacherTopK):
+                ids, logprobs, rest = (t.to(student.device)[supervised] for t in self.teacher.lookup(batch))
+                pair = bucket_logprobs(student, ids, self.temperature), stored_bucket_logprobs(logprobs, rest)
+                divergence = generalized_jsd(*pair, self.beta, 1.0).sum()  # already at the temperature
+            else:
+                with torch.no_grad():
+                    teacher = self.teacher(input_ids)[supervised].float()  # (N, V_teacher)
+                width = min(student.shape[-1], teacher.shape[-1])
+                divergence = generalized_jsd(
+                    student[:, :width], teacher[:, :width], self.beta, self.temperature
+                ).sum()
             loss_sum = loss_sum + (1 - self.alpha) * self.temperature**2 * divergence
             logs["divergence"] = float(divergence.detach())
         return ObjectiveOutput(loss_sum, int(supervised.sum()), unit_sums=logs)

@@ -325,6 +325,8 @@ class Trainer:
         if role is None:
             return None
         path = self.config.distill.teacher if role == "teacher" else self.config.dpo.reference
+        if role == "teacher" and path is None and self.config.distill.teacher_topk is not None:
+            return None  # offline distillation from a finished top-k cache: no teacher model
         path = path or self.config.init_from
         if path is None:
             raise ConfigError(f"stage {self.config.stage} needs a {role} model and none is configured")

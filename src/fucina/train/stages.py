@@ -55,7 +55,9 @@ def _dpo(config: TrainConfig, reference: Model | None) -> Objective:
 def _distill(config: TrainConfig, teacher: Model | None) -> Objective:
     distill = config.distill
     beta = DIVERGENCES.get(distill.divergence, distill.beta)
-    return DistillationObjective(teacher, distill.alpha, distill.temperature, beta)
+    return DistillationObjective(
+        teacher, distill.alpha, distill.temperature, beta, distill.top_k, distill.teacher_topk
+    )
 
 
 @dataclass(frozen=True)
