@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "fucina.cli.eval",
     "fucina.cli.export",
     "fucina.cli.quantize",
+    "fucina.cli.prune",
     "fucina.cli.study",
     "fucina.cli.serve",
 ]
