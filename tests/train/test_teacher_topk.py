@@ -109,3 +109,16 @@ def test_a_finished_cache_replaces_the_teacher(tmp_path, tokenizer_dir, pretrain
     assert all(torch.equal(first[k], second[k]) for k in first)
     with pytest.raises(ConfigError, match="distill.teacher_topk needs distill.top_k"):
         _config(tokenizer_dir, teacher_topk=str(cache))
+
+
+def test_a_teacher_with_a_shorter_context_is_refused(tmp_path, tokenizer_dir, pretrained_run):
+    config = tiny_config(
+        tokenizer_dir,
+        stage="distill",
+        model={"context_length": 64},  # the pretrained teacher holds 32
+        distill={"teacher": str(pretrained_run)},
+    )
+    with pytest.raises(
+        ConfigError, match="teacher model holds 32 tokens of context, fewer than this run's 64"
+    ):
+        train(config_from_dict(config), tmp_path / "run")

@@ -286,6 +286,11 @@ class Trainer:
             raise ConfigError(
                 f"data.context_length {self.context_length} exceeds the model's {model_context}"
             )
+        if self.frozen_context is not None and self.context_length > self.frozen_context:
+            raise ConfigError(
+                f"the {self.stage.frozen_model} model holds {self.frozen_context} tokens of context, fewer "
+                f"than this run's {self.context_length}; set data.context_length or model.context_length"
+            )
         self.data: StageData = self.stage.build_data(
             config, run.path, self.tokenizer, self.context_length, DataShard(rank=0, world_size=1)
         )
@@ -322,6 +327,7 @@ class Trainer:
     def _load_frozen_model(self) -> Transformer | None:
         """The stage's reference or teacher model, frozen on the device; None if the stage needs none."""
         role = self.stage.frozen_model
+        self.frozen_context: int | None = None  # the frozen model's context, checked against the run's
         if role is None:
             return None
         path = self.config.distill.teacher if role == "teacher" else self.config.dpo.reference
@@ -341,6 +347,7 @@ class Trainer:
                 f"{self.config.stage} needs one shared tokenizer"
             )
         model.eval().requires_grad_(False)
+        self.frozen_context = model.config.context_length
         log.info("%s model: %s", role, path)
         return model.to(self.device)
 
