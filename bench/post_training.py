@@ -37,6 +37,7 @@ from fucina.evaluate.intrinsic import evaluate_texts
 from fucina.inference.chat import chat_prompt
 from fucina.inference.generate import generate
 from fucina.inference.sampling import SamplingConfig
+from fucina.model.io import load_config
 from fucina.model_dir import load_pretrained, resolve_model_dir
 from fucina.train.config import config_from_dict
 from fucina.train.loop import train
@@ -191,7 +192,7 @@ def _heldout_bpb(model_dir: Path, tokenizer_texts: dict[str, list[str]]) -> dict
 def _student_config(teacher: Path, data: list[str], steps: int, distill: bool, args) -> dict:
     config = {
         "stage": "distill" if distill else "pretrain",
-        "model": {"preset": "picodac", "context_length": 256},
+        "model": {"preset": "picodac", "context_length": min(256, load_config(teacher).context_length)},
         "tokenizer": {"path": str(teacher)},
         "data": {"train": data, "val_fraction": 0.01, "min_val_docs": 20},
         "optim": {"lr": 2.0e-3, "weight_decay": 0.1, "grad_clip": 1.0},
@@ -239,7 +240,7 @@ def run_distill(args: argparse.Namespace) -> dict:
     run("plain-same-time", equal_time_steps, False)
     return {
         "teacher": str(teacher),
-        "student": "picodac preset, teacher's tokenizer, context 256, batch 16, bf16",
+        "student": "picodac preset, teacher's tokenizer, context min(256, teacher's), batch 16, bf16",
         "distill": {"alpha": 0.5, "temperature": 2.0, "divergence": "forward_kl"},
         "heldout_documents_per_source": args.heldout_docs,
         "runs": runs,
