@@ -188,6 +188,21 @@ def _check_heads_exportable(config: ModelConfig, pruned: ModelConfig) -> None:
                 f"--heads: the pruned model could no longer be exported ({err}); prune --ffn and "
                 "--layers only"
             ) from None
+    # transformers' configs (LlamaConfig, MistralConfig, ...) insist that hidden_size be a multiple of
+    # the head count even when head_dim is given: keep that when the unpruned model had it.
+    d_model = config.d_model
+    if d_model % config.n_heads == 0 and d_model % pruned.n_heads:
+        units, per_unit = head_units(config), heads_per_unit(config)
+        fractions = [
+            f"{removed / units:.3g}"
+            for removed in range(1, units)
+            if d_model % ((units - removed) * per_unit) == 0
+        ]
+        raise ConfigError(
+            f"--heads leaves {pruned.n_heads} heads, and Hugging Face configs need d_model ({d_model}) to "
+            f"be a multiple of the head count; "
+            + (f"--heads fractions that keep it: {', '.join(fractions)}" if fractions else "prune no heads")
+        )
 
 
 def _lowest(scores: torch.Tensor, count: int) -> list[int]:
