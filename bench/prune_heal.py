@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import tempfile
 import time
@@ -189,6 +190,7 @@ def main() -> None:
         args.plans, args.heal_steps, args.calibration_tokens = "25:width,25:depth", 3, 2048
         args.heldout_chars, args.new_tokens, args.repeats, args.threads = 3_000, 8, 1, 1
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -241,6 +243,8 @@ def main() -> None:
         "quick": args.quick,
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
         "target": "25% fewer parameters within 5% of the unpruned bits per byte after <= 30 min CPU healing",
         "results": results,
     }
