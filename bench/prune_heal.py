@@ -4,7 +4,8 @@ For one trained model (--model, by default the LLaMA-30M reference run of config
 "PERCENT:STRATEGY" (--plans), it:
 - picks a `fucina prune` spec that removes at least PERCENT% of the parameters: `width` removes half
   of the KV groups of every layer (when Hugging Face can still configure the result) and then as many FFN
-  channels (multiples of 32) as the rest needs; `depth` removes whole blocks only;
+  channels (multiples of 32) as the rest needs; `depth` removes whole blocks only; `mixed` removes
+  blocks for half the parameters to remove and width for the rest;
 - prunes with activation importance on calibration text from the training split;
 - heals with configs/llama-pruned-heal.yaml (stage distill, the unpruned model as teacher) for
   --heal-steps steps, timing it;
@@ -66,17 +67,22 @@ def plan(config: ModelConfig, percent: float, strategy: str) -> PruneSpec:
         for layers in range(1, config.n_layers):
             if size(PruneSpec(layers=layers)) <= goal:
                 return PruneSpec(layers=layers)
-    elif strategy == "width":
+    elif strategy in ("width", "mixed"):
+        layers = 0
+        if strategy == "mixed":  # blocks for half the parameters to remove, width for the rest
+            half = (total + goal) / 2
+            layers = next(n for n in range(1, config.n_layers) if size(PruneSpec(layers=n)) <= half)
         try:
-            heads = 0.5 if size(PruneSpec(heads=0.5)) > goal else 0.0
+            heads = 0.5 if size(PruneSpec(heads=0.5, layers=layers)) > goal else 0.0
         except ConfigError:  # no head fraction of 0.5 for this model
             heads = 0.0
-        for removed in range(FFN_MULTIPLE, config.ff_size, FFN_MULTIPLE):
-            spec = PruneSpec(heads=heads, ffn=removed / config.ff_size, ffn_multiple=FFN_MULTIPLE)
+        for removed in range(0, config.ff_size, FFN_MULTIPLE):
+            ffn = removed / config.ff_size
+            spec = PruneSpec(heads=heads, ffn=ffn, layers=layers, ffn_multiple=FFN_MULTIPLE if ffn else 1)
             if size(spec) <= goal:
                 return spec
     else:
-        raise SystemExit(f"unknown strategy {strategy!r} (width or depth)")
+        raise SystemExit(f"unknown strategy {strategy!r} (width, depth or mixed)")
     raise SystemExit(f"{strategy} pruning cannot remove {percent}% of {total:,} parameters")
 
 
@@ -177,7 +183,7 @@ def main() -> None:
     parser.add_argument(
         "--calibration", default=str(REFERENCE / "data" / "wikipedia_train.jsonl"), help="calibration text"
     )
-    parser.add_argument("--plans", default="25:width,25:depth,50:width,50:depth", help="PERCENT:STRATEGY,...")
+    parser.add_argument("--plans", default="25:width,25:depth,50:mixed", help="PERCENT:STRATEGY,...")
     parser.add_argument("--heal-steps", type=int, default=300, help="distillation steps per plan")
     parser.add_argument("--calibration-tokens", type=int, default=32768)
     parser.add_argument("--heldout-chars", type=int, default=200_000)
@@ -187,7 +193,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and budgets: proves the script runs")
     args = parser.parse_args()
     if args.quick:
-        args.plans, args.heal_steps, args.calibration_tokens = "25:width,25:depth", 3, 2048
+        args.plans, args.heal_steps, args.calibration_tokens = "25:width,50:mixed", 3, 2048
         args.heldout_chars, args.new_tokens, args.repeats, args.threads = 3_000, 8, 1, 1
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
