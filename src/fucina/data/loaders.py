@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fucina.data.curriculum import Curriculum, build_curriculum, split_blocks
 from fucina.data.packing import META_FILE, TokenShards, check_tokenizer, pack_corpus
 from fucina.data.readers import ReadStats, iter_conversations, iter_texts
 from fucina.data.sources import BUILTIN_SOURCE, check_sources, is_path_source, iter_filtered, load_exclusions
@@ -60,10 +61,15 @@ Collate = Callable[[Sequence[Mapping[str, Sequence[int]]], int], Batch]  # (exam
 
 @dataclass
 class DataPosition:
-    """Where the next training example comes from: the epoch and the index in that epoch's order."""
+    """Where the next training example comes from: the epoch and the index in that epoch's order.
+
+    A data mixture (data/mixture.py) keeps each source's own (epoch, index) in `sources`; `index` then
+    counts the blocks drawn so far.
+    """
 
     epoch: int = 0
     index: int = 0
+    sources: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def expand_sources(sources: list[str], builtin: str) -> list[str | Path]:
@@ -205,6 +211,12 @@ class PretrainBatches:
                 shards.directory,
             )
         self._order: tuple[int, np.ndarray] | None = None
+        self.curriculum: Curriculum | None = None  # set by `plan` (data.curriculum)
+
+    def plan(self, total_steps: int, curriculum: Sequence[Sequence[float]]) -> None:
+        """Fix the run length and the window curriculum (data/curriculum.py), if any."""
+        if curriculum:
+            self.curriculum = build_curriculum(curriculum, self.context_length, total_steps)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -237,14 +249,25 @@ class PretrainBatches:
                 epoch, index = epoch + 1, 0
         return indices, DataPosition(epoch, index)
 
-    def next_step(self, position: DataPosition) -> tuple[list[Batch], DataPosition]:
-        """This rank's `grad_accum` micro-batches of the step starting at `position`, and the next position."""
+    def next_step(self, position: DataPosition, step: int = 1) -> tuple[list[Batch], DataPosition]:
+        """This rank's `grad_accum` micro-batches of the step starting at `position`, and the next position.
+
+        `step` (1-based) picks the curriculum's window: each window of the full length is then cut into
+        full/window rows, so the tokens per step do not change (data/curriculum.py).
+        """
         indices, after = self.step_windows(position)
         mine = self.shard.slice_of(indices, self.batch_size * self.grad_accum)
         size = self.batch_size
-        micro = [
-            self.shards.batch(mine[i : i + size], self.context_length) for i in range(0, len(mine), size)
-        ]
+        window = self.curriculum.window_at(step) if self.curriculum is not None else self.context_length
+        if window == self.context_length:
+            micro = [
+                self.shards.batch(mine[i : i + size], self.context_length) for i in range(0, len(mine), size)
+            ]
+        else:
+            micro = [
+                split_blocks([self.shards.window(j, self.context_length) for j in mine[i : i + size]], window)
+                for i in range(0, len(mine), size)
+            ]
         return micro, after
 
 
@@ -393,8 +416,11 @@ class SFTBatches:
                 epoch, index = epoch + 1, 0
         return groups, DataPosition(epoch, index)
 
-    def next_step(self, position: DataPosition) -> tuple[list[Batch], DataPosition]:
-        """This rank's `grad_accum` micro-batches of the step starting at `position`, and the next position."""
+    def next_step(self, position: DataPosition, step: int = 1) -> tuple[list[Batch], DataPosition]:
+        """This rank's `grad_accum` micro-batches of the step starting at `position`, and the next position.
+
+        `step` is unused: conversations have no window curriculum.
+        """
         groups, after = self.step_groups(position)
         mine = self.shard.slice_of(groups, self.grad_accum)
         return [self.collate([self.dataset[i] for i in group], self.pad_id) for group in mine], after
@@ -454,7 +480,12 @@ def build_pretrain_data(
     context_length: int,
     shard: DataShard = DataShard(),
 ) -> StageData:
-    """Pretraining windows: text packed into <run>/data once (and data.val into <run>/data-val)."""
+    """Pretraining windows: text packed into <run>/data once (and data.val into <run>/data-val);
+    with data.mixture, named sources packed apart and drawn by phase weights (data/mixture.py)."""
+    if config.data.mixture is not None:
+        from fucina.data.mixture import build_mixture_data
+
+        return build_mixture_data(config, run_dir, tokenizer, context_length, shard)
     eval_batch = config.eval.batch_size or config.train.batch_size
     train_dir = _packed(
         read_texts(config.data.train, "prose", config),

@@ -45,6 +45,31 @@ class TokenizerSection:
 
 
 @dataclass
+class MixtureSource:
+    """One named source of a data mixture: its files and how to read them (data/mixture.py)."""
+
+    name: str
+    train: list[str] = field(default_factory=list)
+    kind: Literal["text", "chat"] = "text"  # chat: conversations rendered with the chat template
+
+
+@dataclass
+class MixturePhase:
+    """From `start` (a fraction of the run) on, draw the sources by these weights."""
+
+    start: float = 0.0
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MixtureSection:
+    """Named sources and the phases of their weights (data/mixture.py)."""
+
+    sources: list[MixtureSource] = field(default_factory=list)
+    phases: list[MixturePhase] = field(default_factory=list)
+
+
+@dataclass
 class DataSection:
     """Training/validation sources and how they are split and cut into examples."""
 
@@ -57,6 +82,9 @@ class DataSection:
     train_on: Literal["all", "last"] = "all"
     context_length: int | None = None
     exclude: list[str] = field(default_factory=list)
+    # [[fraction of the run, window], ...]: the window grows, tokens per step stay (data/curriculum.py)
+    curriculum: list[list[float]] = field(default_factory=list)
+    mixture: MixtureSection | None = None  # phased mixture of named sources (data/mixture.py)
 
 
 @dataclass
@@ -255,6 +283,17 @@ class TrainConfig:
         return self
 
     def _validate_recipe(self) -> None:
+        from fucina.data.curriculum import check_curriculum
+        from fucina.data.mixture import check_mixture
+
+        check_curriculum(self.data.curriculum)
+        if self.data.mixture is not None:
+            check_mixture(self.data.mixture)
+            if self.tokenizer.path is None and self.init_from is None and not self.tokenizer.inputs:
+                raise ConfigError(
+                    "data.mixture: set tokenizer.inputs (or tokenizer.path, or init_from): the tokenizer is "
+                    "trained on data.train otherwise, which a mixture does not read"
+                )
         lerac, averaging = self.optim.lerac, self.averaging
         if lerac.enabled:
             if lerac.c < 1.0:
@@ -324,6 +363,12 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
         node = data.get(section)
         if not isinstance(node, dict):
             continue
+        if section == "data" and isinstance(node.get("mixture"), dict):
+            for source in node["mixture"].get("sources") or []:
+                if isinstance(source, dict) and isinstance(source.get("train"), list):
+                    source["train"] = [fix(v) for v in source["train"]]
+                elif isinstance(source, dict) and isinstance(source.get("train"), str):
+                    source["train"] = [fix(source["train"])]
         for key in keys:
             if isinstance(node.get(key), list):
                 node[key] = [fix(v) for v in node[key]]
