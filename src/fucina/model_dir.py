@@ -43,7 +43,7 @@ MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE)
 FULL_KIND = "full"
 # Modules whose import registers a kind of model directory (see the module docstring).
-REGISTERING_MODULES = ("fucina.compress.quantize",)
+REGISTERING_MODULES = ("fucina.compress.quantize", "fucina.adapt.adapter_dir")
 
 __all__ = [
     "BEST_DIR",

@@ -10,7 +10,9 @@ FILE.gguf [--quant f32|f16|q8_0]` writes one GGUF file for llama.cpp (LLaMA- and
 `--format ternary --out FILE.safetensors [--dtype bfloat16|float32]` packs a BitNet model's projections
 at 2 bits per weight (load it with fucina.compress.ternary.load_ternary). `--format ollama --out DIR
 [--quant ...]` writes DIR/model.gguf and DIR/Modelfile with the chat template in Ollama's syntax, ready
-for `ollama create NAME -f DIR/Modelfile`. An existing --out is refused
+for `ollama create NAME -f DIR/Modelfile`. `--format peft --out DIR` writes a LoRA run's adapter as
+adapter_config.json + adapter_model.safetensors for PEFT on the `--format hf` export of its base. An
+existing --out is refused
 unless --overwrite is given (the old output is replaced only once the new one is complete).
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-FORMATS = ("hf", "gguf", "ternary", "ollama")
+FORMATS = ("hf", "gguf", "ternary", "ollama", "peft")
 
 
 def register(subparsers) -> None:
@@ -32,12 +34,12 @@ def register(subparsers) -> None:
         "--format",
         required=True,
         choices=FORMATS,
-        help="hf or ollama (a directory), gguf or ternary (a file)",
+        help="hf, ollama or peft (a directory), gguf or ternary (a file)",
     )
     export.add_argument(
         "--out",
         required=True,
-        help="output directory (hf, ollama), .gguf file (gguf) or .safetensors file (ternary)",
+        help="output directory (hf, ollama, peft), .gguf file (gguf) or .safetensors file (ternary)",
     )
     export.add_argument(
         "--quant",
@@ -71,6 +73,12 @@ def run_export(args: argparse.Namespace) -> int:
 
         result = export_ternary_model(args.model, args.out, getattr(torch, args.dtype), args.overwrite)
         print(result.summary())
+        return 0
+    if args.format == "peft":  # the adapter of a LoRA run, for PEFT on the HF export of its base
+        from fucina.adapt.peft_format import export_peft
+
+        peft = export_peft(args.model, args.out, overwrite=args.overwrite, picodac_class=args.picodac_class)
+        print(f"wrote {peft.path}: {peft.modules} {peft.architecture} modules, {peft.parameters:,} weights")
         return 0
     source = load_source(args.model)
     if args.format == "hf":

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "fucina.cli.export",
     "fucina.cli.quantize",
     "fucina.cli.prune",
+    "fucina.cli.lora",
     "fucina.cli.study",
     "fucina.cli.serve",
 ]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fucina.adapt.lora_config import LoRAConfig
 from fucina.config import apply_overrides, from_dict, load_yaml, to_dict
 from fucina.data.sources import BUILTIN_SOURCE, is_path_source
 from fucina.errors import ConfigError
@@ -225,6 +226,7 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    lora: LoRAConfig | None = None  # adapters on the frozen init_from model (adapt/lora_config.py)
 
     def validate(self) -> TrainConfig:
         """Check cross-field rules; raises ConfigError naming the key."""
@@ -280,6 +282,10 @@ class TrainConfig:
                 "set init_from or tokenizer.path, not both: a run initialised from a model reuses its tokenizer"
             )
         self._validate_post_training()
+        if self.lora is not None:
+            self.lora.validate()
+            if self.init_from is None:
+                raise ConfigError("lora needs init_from: the adapters train on a frozen, trained model")
         return self
 
     def _validate_recipe(self) -> None:

@@ -54,13 +54,16 @@ import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from fucina.adapt.adapter_dir import save_trained_model
+from fucina.adapt.lora import apply_lora, load_trainable_state_dict, trainable_state_dict
 from fucina.config import from_dict
+from fucina.data.curriculum import plan_data
 from fucina.data.loaders import DataPosition, DataShard, StageData, epochs_to_steps, prepare_tokenizer
 from fucina.errors import ConfigError, FucinaError, TokenizerError
 from fucina.fsutil import write_atomically
 from fucina.model.config import ModelConfig
 from fucina.model.io import CONFIG_FILE as MODEL_CONFIG_FILE
-from fucina.model.io import MODEL_VERSION, save_model
+from fucina.model.io import MODEL_VERSION
 from fucina.model.transformer import Transformer, maybe_compile
 from fucina.model_dir import BEST_DIR, FINAL_DIR, load_pretrained
 from fucina.presets import get_preset
@@ -69,6 +72,7 @@ from fucina.train.activation_checkpointing import apply_activation_checkpointing
 from fucina.train.averaging import WeightAverage, averaging_start_step
 from fucina.train.checkpoint import save_checkpoint
 from fucina.train.config import TrainConfig, scientific_floats
+from fucina.train.context_extension import model_with_overrides
 from fucina.train.lerac import lerac_factor
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
 from fucina.train.optim import build_optimizer, optimizer_state_bytes
@@ -181,24 +185,6 @@ def build_model_config(section: dict[str, Any], vocab_size: int) -> ModelConfig:
     return from_dict(ModelConfig, {**base, **fields}, "model")
 
 
-def _model_with_overrides(model: Transformer, overrides: dict[str, Any]) -> Transformer:
-    if not overrides:
-        return model
-    if "preset" in overrides:
-        raise ConfigError("model.preset cannot be combined with init_from (the model comes from init_from)")
-    config = from_dict(
-        ModelConfig, {**model.config.to_dict(), **scientific_floats(overrides, ModelConfig)}, "model"
-    )
-    rebuilt = Transformer(config)
-    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"model overrides {sorted(overrides)} change the architecture of the init_from model "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    return rebuilt
-
-
 def _check_vocab(tokenizer: FucinaTokenizer, model_config: ModelConfig, where: str) -> None:
     if tokenizer.vocab_size > model_config.vocab_size:
         raise TokenizerError(
@@ -261,15 +247,17 @@ class Trainer:
         self.tokenizer = prepare_tokenizer(config, run.path, inherited_tokenizer, self.stage.builtin_corpus)
         self.objective = self.stage.objective(config, self._load_frozen_model())
         if inherited_model is not None:
-            model = _model_with_overrides(inherited_model, config.model)
+            model = model_with_overrides(inherited_model, config.model)
             _check_vocab(self.tokenizer, model.config, f"init_from {config.init_from}")
         else:
             model_config = build_model_config(config.model, self.tokenizer.vocab_size)
             _check_vocab(self.tokenizer, model_config, "model section")
             model = Transformer(model_config)
+        if config.lora is not None:  # the base frozen, adapters on its projections (fucina.adapt)
+            model = apply_lora(model, config.lora)
         if checkpoint is not None:
-            try:
-                model.load_state_dict(checkpoint.model_state, strict=True)
+            try:  # a LoRA run's checkpoints hold the adapters only
+                load_trainable_state_dict(model, checkpoint.model_state)
             except RuntimeError as err:
                 raise ConfigError(
                     f"{checkpoint.path}: weights do not fit the configured model ({err})"
@@ -300,6 +288,7 @@ class Trainer:
             prepare(self.data, run.path, self.device)
 
         self.total_steps = self._total_steps()
+        plan_data(self.data.train, config, self.total_steps)  # curriculum windows, mixture phases
         self.schedule: LRSchedule = build_schedule(config.schedule, config.optim.lr, self.total_steps)
         self.optimizer, groups = build_optimizer(self.model, config.optim)
         log.info(
@@ -372,6 +361,7 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         progress = asdict(self.progress)
         progress["position"] = [self.progress.position.epoch, self.progress.position.index]
+        progress["source_positions"] = {k: list(v) for k, v in self.progress.position.sources.items()}
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -389,14 +379,15 @@ class Trainer:
             self.average.load_state_dict(state["averaging"])
         progress = dict(state["progress"])
         epoch, index = progress.pop("position")
-        self.progress = Progress(**progress, position=DataPosition(int(epoch), int(index)))
+        sources = {k: (int(e), int(i)) for k, (e, i) in progress.pop("source_positions", {}).items()}
+        self.progress = Progress(**progress, position=DataPosition(int(epoch), int(index), sources))
         _set_rng_state(state["rng"])
 
     def _save_checkpoint(self) -> None:
         path = save_checkpoint(
             self.run.checkpoints,
             self.progress.step,
-            self.model.state_dict(),
+            trainable_state_dict(self.model),
             self._trainer_state(),
             self.config.checkpoint.keep_last,
         )
@@ -408,7 +399,7 @@ class Trainer:
         def write(directory: Path) -> None:
             averaged = weights == "averaged" and self.average is not None and self.average.active
             with self.average.swapped_in() if averaged else contextlib.nullcontext():
-                save_model(self.model, directory)
+                save_trained_model(self.model, directory, self.config.init_from, self.config.lora)
             self.tokenizer.save(directory)
 
         info = {
@@ -451,7 +442,7 @@ class Trainer:
         lr = self.schedule.lr_at(step)
         for group, rate in zip(self.optimizer.param_groups, self._learning_rates(step)):
             group["lr"] = rate
-        micro_batches, position = self.data.train.next_step(self.progress.position)
+        micro_batches, position = self.data.train.next_step(self.progress.position, step)
         # The step's normaliser, computed once (distributed training will sum it over ranks).
         supervised = sum(self.objective.supervised_count(b) for b in micro_batches)
         loss_total, tokens = 0.0, 0
