@@ -39,6 +39,7 @@ from fucina.fsutil import staged_output
 from fucina.interop.architecture import describe, unsupported_parts
 from fucina.interop.source import ExportError, ExportSource
 from fucina.model.config import ModelConfig
+from fucina.model.rope_scaling import ntk_base, parse_rope_scaling
 from fucina.tokenizer import LLAMA_CPP_PRETOKENIZER, FucinaTokenizer, bpe_merges
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,42 @@ def _write_hyperparameters(
         writer.add_head_count_kv(config.kv_heads)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_rope_dimension_count(config.head_size)
-        writer.add_rope_freq_base(config.rope_base)
+        _write_rope(writer, config)
         if config.head_size * config.n_heads != config.d_model:
             writer.add_key_length(config.head_size)
             writer.add_value_length(config.head_size)
     else:
         writer.add_layer_norm_eps(config.norm_eps)
+
+
+def _write_rope(writer, config: ModelConfig) -> None:
+    """RoPE's base and scaling as llama.cpp reads them (`{arch}.rope.freq_base`, `.rope.scaling.*`):
+    linear and yarn have scaling types; static NTK-aware is the raised base (model/rope_scaling.py)."""
+    import gguf
+
+    scaling = parse_rope_scaling(config.rope_scaling)
+    if scaling is None or scaling.rope_type == "ntk":
+        base = (
+            config.rope_base
+            if scaling is None
+            else ntk_base(config.rope_base, scaling.factor, config.head_size)
+        )
+        writer.add_rope_freq_base(base)
+        return
+    writer.add_rope_freq_base(config.rope_base)
+    if scaling.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+        return
+    if scaling.attention_factor is not None and scaling.attention_factor != scaling.default_attention_factor:
+        raise ExportError(
+            "rope_scaling.attention_factor: llama.cpp derives YaRN's from the factor; cannot export"
+        )
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling.factor)
+    writer.add_rope_scaling_orig_ctx_len(scaling.original_context_length)
+    writer.add_rope_scaling_yarn_beta_fast(scaling.beta_fast)
+    writer.add_rope_scaling_yarn_beta_slow(scaling.beta_slow)
 
 
 def _write_tokenizer(writer, tok: FucinaTokenizer, vocab_size: int, pretokenizer: str) -> None:

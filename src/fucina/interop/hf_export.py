@@ -46,6 +46,7 @@ from fucina.interop.hf_mapping import GPT2, LLAMA, TABLES, HFTable
 from fucina.interop.model_card import write_model_card
 from fucina.interop.source import ExportError, ExportSource
 from fucina.model.config import ModelConfig
+from fucina.model.rope_scaling import ntk_base, parse_rope_scaling
 from fucina.tokenizer import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,25 @@ def _llama_like_config(config: ModelConfig, source: ExportSource) -> dict[str, A
 
 
 def _rope(config: ModelConfig) -> dict[str, Any]:
-    return {"rope_type": "default", "rope_theta": config.rope_base}
+    """transformers 5's `rope_parameters`, RoPE scaling included (model/rope_scaling.py): linear and yarn
+    map to their rope types; static NTK-aware is plain RoPE with the raised base, the same numbers."""
+    scaling = parse_rope_scaling(config.rope_scaling)
+    if scaling is None:
+        return {"rope_type": "default", "rope_theta": config.rope_base}
+    if scaling.rope_type == "ntk":
+        return {
+            "rope_type": "default",
+            "rope_theta": ntk_base(config.rope_base, scaling.factor, config.head_size),
+        }
+    parameters = {"rope_type": scaling.rope_type, "rope_theta": config.rope_base, "factor": scaling.factor}
+    if scaling.rope_type == "yarn":
+        parameters.update(
+            original_max_position_embeddings=scaling.original_context_length,
+            beta_fast=scaling.beta_fast,
+            beta_slow=scaling.beta_slow,
+            attention_factor=scaling.yarn_attention_factor,
+        )
+    return parameters
 
 
 def _llama(config: ModelConfig, source: ExportSource):

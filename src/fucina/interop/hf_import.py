@@ -161,19 +161,54 @@ def _gpt2_config(hf: dict[str, Any], where: Path) -> ModelConfig:
 
 def _rope_base(hf: dict[str, Any], where: Path) -> float:
     """rope_theta from transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`) configs."""
-    scaling = hf.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        _refuse(where, "rope_scaling", scaling, "RoPE is computed without scaling")
     parameters = hf.get("rope_parameters") or {}
-    if parameters.get("rope_type", "default") != "default":
-        _refuse(
-            where, "rope_parameters.rope_type", parameters["rope_type"], "RoPE is computed without scaling"
-        )
     if parameters.get("partial_rotary_factor", 1.0) != 1.0:
         _refuse(
             where, "partial_rotary_factor", parameters["partial_rotary_factor"], "RoPE rotates whole heads"
         )
     return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+# RoPE scaling read from config.json: the rope types fucina computes (model/rope_scaling.py).
+_YARN_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings"}
+_YARN_KEYS |= {"beta_fast", "beta_slow", "attention_factor", "truncate"}
+
+
+def _rope_scaling(hf: dict[str, Any], where: Path) -> dict[str, Any] | None:
+    """`model.rope_scaling` from `rope_parameters` (transformers 5) or `rope_scaling` (4); linear and
+    yarn are read, every other scaling (dynamic, longrope, llama3, DeepSeek's mscale) is refused."""
+    for key in ("rope_parameters", "rope_scaling"):
+        scaling = hf.get(key) or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type != "default":
+            break
+    else:
+        return None
+    if rope_type not in ("linear", "yarn"):
+        _refuse(where, f"{key}.rope_type", rope_type, "fucina computes linear, ntk (static) and yarn scaling")
+    factor = float(scaling.get("factor") or 1.0)
+    context = int(hf.get("max_position_embeddings", 0)) or None
+    if rope_type == "linear":
+        original = round(context / factor) if context else 1
+        return {"rope_type": "linear", "factor": factor, "original_context_length": max(original, 1)}
+    extra = sorted(k for k in scaling if k not in _YARN_KEYS and scaling[k] is not None)
+    if extra or scaling.get("truncate", True) is False:
+        _refuse(
+            where,
+            f"{key}.{(extra or ['truncate'])[0]}",
+            scaling.get((extra or ["truncate"])[0]),
+            "yarn is read with "
+            "factor, original_max_position_embeddings, beta_fast, beta_slow and attention_factor only",
+        )
+    result = {
+        "rope_type": "yarn",
+        "factor": factor,
+        "original_context_length": int(scaling.get("original_max_position_embeddings") or context),
+    }
+    for name in ("beta_fast", "beta_slow", "attention_factor"):
+        if scaling.get(name) is not None:
+            result[name] = float(scaling[name])
+    return result
 
 
 def _llama_config(hf: dict[str, Any], where: Path) -> ModelConfig:
@@ -193,6 +228,7 @@ def _llama_config(hf: dict[str, Any], where: Path) -> ModelConfig:
         **sizes,
         positions="rope",
         rope_base=_rope_base(hf, where),
+        rope_scaling=_rope_scaling(hf, where),
         norm="rmsnorm",
         mlp="swiglu",
         bias=attention_bias,

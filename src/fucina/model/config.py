@@ -54,6 +54,7 @@ class ModelConfig:
     d_ff: int | None = None  # None: 4 * d_model
     positions: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # longer context: linear, ntk or yarn (rope_scaling.py)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "gelu_tanh", "silu", "swiglu"] = "gelu"
@@ -125,6 +126,19 @@ class ModelConfig:
         self._check_sliding_window()
         self._check_architecture_fields()
         self._check_registry_names()
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        from fucina.model.rope_scaling import parse_rope_scaling
+
+        if parse_rope_scaling(self.rope_scaling) is None:
+            return
+        rotated = self.positions == "rope" or any(self.mixer_name(i) == "mla" for i in range(self.n_layers))
+        if not rotated:
+            raise ConfigError(
+                "model.rope_scaling needs RoPE (model.positions 'rope' or MLA layers); learned positions "
+                "are extended by init_from with a larger model.context_length instead"
+            )
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -279,8 +293,14 @@ class ModelConfig:
         return from_dict(cls, {k: v for k, v in data.items() if k not in RETIRED_KEYS}, where)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-serialisable data that `from_dict` turns back into an equal config."""
-        return dataclasses.asdict(self)
+        """Plain JSON-serialisable data that `from_dict` turns back into an equal config.
+
+        `rope_scaling` is left out when unset, so unscaled models write the config.json they always did.
+        """
+        data = dataclasses.asdict(self)
+        if data["rope_scaling"] is None:
+            del data["rope_scaling"]
+        return data
 
 
 def _check_name(where: str, name: str, registry: dict[str, Any]) -> None:

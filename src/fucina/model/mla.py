@@ -101,7 +101,9 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = make_linear(config, self.kv_rank, self.n_heads * (self.nope_dim + self.value_dim))
         self.out_proj = make_linear(config, self.n_heads * self.value_dim, config.d_model)
         self.out_proj.is_residual_output = True  # scaled at init (see transformer.py)
-        self.rotary = RotaryEmbedding(self.rope_dim, config.context_length, config.rope_base)
+        self.rotary = RotaryEmbedding(
+            self.rope_dim, config.context_length, config.rope_base, config.rope_scaling
+        )
         self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class Transformer(nn.Module):
             nn.Embedding(config.context_length, config.d_model) if config.positions == "learned" else None
         )
         self.rotary = (
-            RotaryEmbedding(config.head_size, config.context_length, config.rope_base)
+            RotaryEmbedding(config.head_size, config.context_length, config.rope_base, config.rope_scaling)
             if config.positions == "rope"
             else None
         )
