@@ -362,6 +362,14 @@ def test_pruned_gpt2_exports_strictly_to_hf_and_gguf(tmp_path):
     assert {name: field.contents() for name, field in reader.fields.items()}["gpt2.block_count"] == 2
 
 
+def test_a_quantized_model_directory_is_refused(trained, tmp_path):
+    from fucina.compress.quantize import quantize_model_dir
+
+    quantize_model_dir(trained.directory, tmp_path / "int8", bits=8)
+    with pytest.raises(ConfigError, match="is a quantized model directory; prune a full-precision model"):
+        prune_model_dir(tmp_path / "int8", tmp_path / "out", PruneSpec(ffn=0.5, method="magnitude"))
+
+
 def test_cli_prunes_and_reports_parameters_and_bits_per_byte(trained, tmp_path):
     calibration = tmp_path / "calibration.txt"
     calibration.write_text("\n\n".join(trained.calibration), encoding="utf-8")

@@ -49,7 +49,7 @@ from fucina.fsutil import staged_output, write_atomically, write_json_atomically
 from fucina.model.config import ModelConfig
 from fucina.model.io import load_model, save_model
 from fucina.model.transformer import Transformer
-from fucina.model_dir import TOKENIZER_FILE, TOKENIZER_FILES, resolve_model_dir
+from fucina.model_dir import FULL_KIND, TOKENIZER_FILE, TOKENIZER_FILES, model_kind, resolve_model_dir
 from fucina.tokenizer import FucinaTokenizer
 
 log = logging.getLogger(__name__)
@@ -374,12 +374,15 @@ def prune_model_dir(
     `calibration` is the text activation importance is measured on; `heldout` maps a name to the
     documents whose bits per byte are reported before and after.
     """
-    from fucina.compress.quantize import is_quantized_dir
     from fucina.evaluate.intrinsic import evaluate_texts
 
     source_dir = resolve_model_dir(path)
-    if is_quantized_dir(source_dir):
-        raise ConfigError(f"{source_dir} is quantized; prune the full-precision model")
+    kind = model_kind(source_dir)
+    if kind != FULL_KIND:  # quantized weights, a LoRA adapter on a base: not plain matrices to cut
+        raise ConfigError(
+            f"{source_dir} is a {kind} model directory; prune a full-precision model (merge an adapter "
+            "first with fucina lora merge)"
+        )
     if not (source_dir / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{source_dir} has no {TOKENIZER_FILE}: a pruned model directory needs it")
     if spec.method == "activation" and calibration is None:
