@@ -71,3 +71,13 @@ def test_the_cli_reports_an_export_error_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "tokenizer.json" in err and "\n" not in err
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_config_transformers_rejects_is_an_export_error_and_writes_nothing(tmp_path):
+    """LlamaConfig validates hidden size against heads even when head_dim is given (a pruned model's shape)."""
+    source = load_source(
+        architecture_model_dir(tmp_path / "model", "llama", n_heads=3, n_kv_heads=1, head_dim=16)
+    )
+    with pytest.raises(ExportError, match="LlamaConfig refuses this model"):
+        export_hf(source, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -289,9 +289,11 @@ _CONFIGS: dict[str, Callable] = {
 
 def _make_config(cls: type, **kwargs: Any):
     """A transformers config; its own validation errors (e.g. head counts) become ExportError."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs with it
+
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, StrictDataclassError) as err:
         raise ExportError(f"transformers' {cls.__name__} refuses this model: {err}") from None
 
 
