@@ -13,6 +13,8 @@ Design choices:
   low-bit CPU kernels have no backward, so while gradients are recorded the base weight is dequantized
   on the fly for the product (QLoRA's recipe: the adapter in float32, the base stored in low bits);
   without gradients (evaluation, generation) the base runs its own kernel.
+- Quantized layers that carry no adapter (an int8 LM head, say) are wrapped too, with no parts: the
+  gradient reaching the adapters below them must cross them, which the int8/int4 kernels cannot do.
 - Dropout (if any) applies to the adapter's input only, as in PEFT.
 - The adapter's tensors are named `<layer>.lora.<part>.A` / `.B`; `adapter_state_dict` is what
   training checkpoints and LoRA model directories hold. The `layout` (every part's layer, rows, rank
@@ -186,6 +188,10 @@ def apply_layout(model: nn.Module, layout: list[PartLayout], dropout: float = 0.
         _wrap(model, entry.module, dropout).add_part(
             entry.part, entry.start, entry.stop, entry.rank, entry.scale
         )
+    # Quantized layers without an adapter still pass gradients down to the adapters below them.
+    for name in [n for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS)]:
+        if not name.endswith(".base"):
+            _wrap(model, name, dropout)
     return model
 
 

@@ -67,7 +67,8 @@ def merge_lora(model: Transformer) -> tuple[Transformer, MergeResult]:
             base = layer.base
             bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
             _replace(model, name, _plain_linear(layer.merged_weight(), bias, base))
-            merged += 1
+            merged += bool(layer.lora)
+            dequantized += isinstance(base, QUANTIZED_LAYERS)
             if name == "lm_head" and model.config.tie_embeddings:
                 model.config = dataclasses.replace(model.config, tie_embeddings=False)
                 untied = True

@@ -145,14 +145,16 @@ def peft_tensors(
     settings: dict[str, tuple[int, float]] = {}
     conv1d: set[bool] = set()
     for layer_name, layer in lora_layers(model).items():
-        if layer_name not in modules:
-            raise ExportError(
-                f"{layer_name} has no counterpart in {architecture}: its adapter cannot be exported"
-            )
+        if not layer.lora:
+            continue  # a quantized layer wrapped for its gradient only (lora.py)
         if layer_name == "lm_head" and model.config.tie_embeddings:
             raise ExportError(
                 "the adapter adapts the tied LM head, which PEFT cannot load without untying it: merge it "
                 "with `fucina lora merge` and export the merged model"
+            )
+        if layer_name not in modules:
+            raise ExportError(
+                f"{layer_name} has no counterpart in {architecture}: its adapter cannot be exported"
             )
         parts = sorted(layer.lora.values(), key=lambda p: p.start)
         for hf in modules[layer_name]:
