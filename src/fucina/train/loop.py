@@ -391,7 +391,9 @@ class Trainer:
             self._trainer_state(),
             self.config.checkpoint.keep_last,
         )
-        log.debug("checkpoint %s", path)
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        # A LoRA run reports its (adapter-only) checkpoint size; others keep the quiet debug line.
+        log.log(logging.INFO if self.config.lora else logging.DEBUG, "checkpoint %s: %.2f MiB", path, size)
 
     def _publish(self, name: str, result: EvalResult | None, weights: str = "raw") -> None:
         """Write best/ or final/ from the raw weights or the averaged ones (`weights`)."""
