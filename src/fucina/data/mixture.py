@@ -66,6 +66,8 @@ def check_mixture(section: MixtureSection, key: str = "data.mixture") -> None:
             raise ConfigError(f"{key}.sources[{index}].name: {source.name!r} is not a usable name")
         if not source.train:
             raise ConfigError(f"{key}.sources[{index}].train: give at least one file or directory")
+        if source.max_documents is not None and source.max_documents < 1:
+            raise ConfigError(f"{key}.sources[{index}].max_documents must be > 0, got {source.max_documents}")
     if not section.phases:
         raise ConfigError(f"{key}.phases: give at least one phase")
     previous = -1.0
@@ -236,12 +238,12 @@ def _source_texts(source, config: TrainConfig, tokenizer: FucinaTokenizer) -> It
     from fucina.data.loaders import read_records
     from fucina.data.readers import ReadStats
 
+    caps = [n for n in (source.max_documents, config.data.max_documents) if n is not None]
+    limit = min(caps) if caps else None
     if source.kind == "text":
-        records = read_records(source.train, "prose", config, "text", ReadStats())
-        return islice(records, config.data.max_documents)
+        return islice(read_records(source.train, "prose", config, "text", ReadStats()), limit)
     conversations = read_records(source.train, "chat", config, "conversation", ReadStats())
-    rendered = (tokenizer.template.render(messages) for messages in conversations)
-    return islice(rendered, config.data.max_documents)
+    return islice((tokenizer.template.render(messages) for messages in conversations), limit)
 
 
 def build_mixture_data(

@@ -52,6 +52,7 @@ class MixtureSource:
     name: str
     train: list[str] = field(default_factory=list)
     kind: Literal["text", "chat"] = "text"  # chat: conversations rendered with the chat template
+    max_documents: int | None = None  # read at most this many (data.max_documents caps every source too)
 
 
 @dataclass
