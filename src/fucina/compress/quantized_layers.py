@@ -1,16 +1,17 @@
-"""Weight-only quantized linear layers that multiply with torch's low-bit CPU kernels.
+"""Quantized linear layers (int8 per channel, int4 group-wise) that multiply with low-bit CPU kernels.
 
 Design choices, and why:
 - int8: one symmetric scale per output channel (row), scale = max|w_row| / 127, q = round(w / scale) in
-  [-127, 127]. Two CPU kernels, both reading the weights as int8, never expanding them to a float matrix:
-  * one row at a time (batch-1 decoding): `torch.ops.quantized.linear_dynamic` (fbgemm/onednn), which
-    also quantizes the row's activations to int8 on the fly (one scale per token) and multiplies in int8
-    with int32 accumulation; in our batch-1 measurements it was the fastest of the three candidates
-    (1.3-4x faster than `_weight_int8pack_mm` on the larger matrices, see docs/quantize.md);
-  * several rows (prompt prefill, evaluation, batched generation): `torch._weight_int8pack_mm`, weight-only
-    (bf16 activations and scales), so the long-sequence numbers (bits per byte) carry no activation
-    rounding; it crashes on input sizes that are not a multiple of 16, so those are zero-padded. `reduce_range` (7-bit activations) is kept on, as PyTorch does on x86, because CPUs
-    without VNNI saturate the 8-bit products.
+  [-127, 127]. Activations are quantized the same way on the fly, one symmetric scale per row (token),
+  and the product is exact in integers: y = (xq . wq) * x_scale * w_scale (W8A8, as llama.cpp's q8_0
+  products quantize their activations to 8 bits). Why: every CPU path then computes the same numbers up
+  to float32 rounding of the two scales, so one row, several rows, eager and compiled decoding agree,
+  and a row's result never depends on the other rows of its batch (per-row scales). Kernels:
+  * eager, any number of rows: `torch._int_mm` (oneDNN int8 GEMM, int32 accumulation), which reads the
+    int8 weight as it is: nothing is dequantized;
+  * under torch.compile, one row: the product written as a sum over the input (`int8_row_product`)
+    that inductor fuses into one loop reading the int8 weight and converting it in registers (as
+    cpu_kernels.row_times_weight does for float weights); several rows: `_int_mm` as eagerly.
 - int4: asymmetric groups of `group_size` consecutive inputs per row (32, 64, 128 or 256: the sizes the
   kernel takes), scale = (max - min) / 15, q = round((w - min) / scale) in [0, 15], w ~ q * scale + min.
   Asymmetric, because a group's weights are rarely centred on zero and 16 levels are too few to waste
@@ -19,17 +20,18 @@ Design choices, and why:
   zero = min + 8 * scale). The kernel needs the input size to be a multiple of the group size and the
   output size a multiple of 16: other shapes (PicoDAC's width 240) are zero-padded when packing, and
   the activations padded to match.
-- Both kernels take bf16 activations: the input is cast to bf16 for the product and the result cast back
-  (the same rounding as bf16 autocast inference). On other devices the weights are dequantized for a
-  plain matmul (correct, not fast: the low-bit kernels here are CPU kernels).
+- int4 takes bf16 activations: the input is cast to bf16 for the product (the same rounding as bf16
+  autocast inference). The packed kernel serves one row and several, eager and compiled (inductor
+  calls it between its fused kernels): it reads the nibbles with AVX-512/AMX and was several times
+  faster on one row than the sum over unpacked nibbles that inductor writes (docs/quantize.md), so
+  compiled and eager int4 decoding compute the same numbers. On other devices the weights are
+  dequantized for a plain matmul (correct, not fast: the low-bit kernels here are CPU kernels).
 - What is saved is kernel-independent: int8 rows, or int4 values two per byte (low nibble first) with
   float32 scales and minimums; the packed int4 layout is rebuilt on load, since it depends on the CPU
   kernel's version.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +40,6 @@ from torch import nn
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_ROW_MULTIPLE = 16  # the int4 CPU kernel packs output rows in blocks of 16
 KERNEL_DTYPE = torch.bfloat16
-INT8_PACK_MULTIPLE = 16  # _weight_int8pack_mm crashes on inputs of other sizes: zero-padded to it
-DYNAMIC_INT8_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")  # engines with quantized::linear_dynamic
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,28 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).view(packed.size(0), -1)
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integers in [-127, 127] held in float32 (M, K), scales (M, 1)) of rows x (M, K), symmetric per row.
+
+    Multiplying by 127 / max|x| (never above 127 in magnitude) needs no clamp; eager and compiled code
+    compute it with the same two float operations, so they round every value alike.
+    """
+    peak = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (M, 1)
+    return torch.round(x.float() * (127.0 / peak)), peak / 127.0
+
+
+def int8_row_product(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """One quantized row xq (1, K) times the int8 weight (N, K)ᵀ, summed in float32: (1, N).
+
+    Exact while |sum| < 2²⁴ (127² K: K up to 1040), then within float32 rounding of the int32 sum.
+    Only for torch.compile: inductor fuses the weight's conversion into its own loop over the int8
+    weight (the float weight never exists). `as_strided` makes inductor store the quantized row once
+    (its lowering realises its input) rather than recompute it for each of the N outputs.
+    """
+    xq = xq.as_strided(xq.shape, xq.stride())
+    return (xq.unsqueeze(-2) * weight.float()).sum(-1)
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and one scale per output channel (see the module docstring)."""
 
@@ -82,10 +104,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self.register_buffer("_kernel_scale", torch.ones(out_features, dtype=KERNEL_DTYPE), persistent=False)
-        self._packed_dynamic = None  # quantized::linear_dynamic's packed weights (CPU), built by prepare()
-        self.padded_in = -(-in_features // INT8_PACK_MULTIPLE) * INT8_PACK_MULTIPLE
-        self._kernel_weight = self.weight  # the int8 rows zero-padded to padded_in for _weight_int8pack_mm
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> Int8Linear:
@@ -97,36 +115,27 @@ class Int8Linear(nn.Module):
         return layer
 
     def prepare(self) -> None:
-        """Refresh the kernels' copies of the weights and scales (after loading a state dict)."""
-        self._kernel_scale = self.scale.to(KERNEL_DTYPE)
-        self._kernel_weight = F.pad(self.weight, (0, self.padded_in - self.in_features))
-        self._packed_dynamic = None
-        if self.weight.device.type == "cpu" and torch.backends.quantized.engine in DYNAMIC_INT8_ENGINES:
-            with warnings.catch_warnings():  # torch marks quantized tensors deprecated; the kernel remains
-                warnings.simplefilter("ignore", UserWarning)
-                weight = torch._make_per_channel_quantized_tensor(
-                    self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0
-                )
-            bias = None if self.bias is None else self.bias.float()
-            self._packed_dynamic = torch.ops.quantized.linear_prepack(weight, bias)
+        """Nothing to rebuild: the kernels read the saved int8 rows and scales as they are.
+
+        Kept so that loaders can call `prepare()` on every quantized layer after load_state_dict.
+        """
 
     def dequantized(self) -> torch.Tensor:
         return self.weight.float() * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self._packed_dynamic is not None and x.numel() == self.in_features:
-            row = x.reshape(1, self.in_features).float()  # (1, K): one token, bias inside the kernel
-            y = torch.ops.quantized.linear_dynamic(row, self._packed_dynamic, True)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        if x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # (B*T, K)
-            if self.padded_in != self.in_features:
-                flat = F.pad(flat, (0, self.padded_in - self.in_features))  # (B*T, K')
-            y = torch._weight_int8pack_mm(flat, self._kernel_weight, self._kernel_scale)  # (B*T, N)
-            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        else:
+        if x.device.type != "cpu":  # the int8 kernels here are CPU kernels: correct, not fast
             y = F.linear(x, self.dequantized().to(x.dtype))
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))  # (M, K) integers, (M, 1)
+        if torch.compiler.is_compiling() and xq.size(0) == 1:
+            products = int8_row_product(xq, self.weight)  # (1, N), inductor's fused loop
+        else:
+            products = torch._int_mm(xq.to(torch.int8), self.weight.t()).float()  # (M, N), int32 sums
+        y = products * x_scale * self.scale.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
