@@ -91,3 +91,41 @@ def test_full_recipe_resumes_bit_identically_across_curriculum_and_phase_switche
     # Tokens per step are constant across the switches: 2 x 2 blocks of 32 tokens every step.
     train_a = _records(tmp_path / "straight", "train")
     assert train_a[-1]["tokens_seen"] == STEPS * 2 * 2 * 32
+
+
+def test_elleci_tiny_config_holds_every_recipe_feature():
+    from pathlib import Path
+
+    from fucina.train.config import load_train_config
+
+    config = load_train_config(Path(__file__).parents[2] / "configs" / "elleci-tiny.yaml")
+    assert config.model["preset"] == "elleci-tiny"
+    assert (config.schedule.name, config.schedule.warmup_ratio, config.schedule.decay_ratio) == (
+        "wsd",
+        0.05,
+        0.2,
+    )
+    assert config.data.curriculum == [[0.0, 64], [0.35, 128], [0.7, 256]]
+    assert config.averaging.kind == "swa" and config.averaging.start is None  # the decay phase
+    assert config.optim.lerac.enabled and config.optim.name == "adamw8bit"
+    phases = config.data.mixture.phases
+    assert [p.start for p in phases] == [0.0, 0.9]
+    assert [p.weights for p in phases] == [
+        {"prose": 0.55, "wikipedia": 0.35, "chat": 0.10},
+        {"prose": 0.20, "wikipedia": 0.25, "chat": 0.55},
+    ]
+
+
+def test_mixture_without_a_tokenizer_source_and_curriculum_on_examples_are_refused(tmp_path, tokenizer_dir):
+    import pytest
+
+    from fucina.errors import ConfigError
+    from fucina.train.config import config_from_dict
+    from fucina.train.loop import train
+
+    mixture = RECIPE["data"]["mixture"]
+    with pytest.raises(ConfigError, match="data.mixture: set tokenizer.inputs"):
+        config_from_dict({"data": {"mixture": mixture}, "train": {"max_steps": 1}})
+    sft = tiny_config(tokenizer_dir, stage="sft", data={"train": ["builtin"], "curriculum": [[0.0, 16]]})
+    with pytest.raises(ConfigError, match="data.curriculum and data.mixture apply to packed text; stage sft"):
+        train(config_from_dict(sft), tmp_path / "sft")

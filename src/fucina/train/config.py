@@ -85,7 +85,7 @@ class DataSection:
     context_length: int | None = None
     exclude: list[str] = field(default_factory=list)
     # [[fraction of the run, window], ...]: the window grows, tokens per step stay (data/curriculum.py)
-    curriculum: list[list[float]] = field(default_factory=list)
+    curriculum: list[list[int | float]] = field(default_factory=list)
     mixture: MixtureSection | None = None  # phased mixture of named sources (data/mixture.py)
 
 
@@ -210,6 +210,14 @@ class DistillSection:
 
 
 @dataclass
+class DistSection:
+    """Several processes under torchrun (train/process_group.py): how they share the training."""
+
+    strategy: Literal["none", "ddp", "fsdp"] = "none"  # none: one process; ddp: replicas; fsdp: shards
+    timeout_s: float = 600.0  # longest wait in a collective before a rank gives up (a dead peer)
+
+
+@dataclass
 class TrainConfig:
     """Everything one training stage needs; saved resolved as <run>/train_config.yaml."""
 
@@ -228,6 +236,7 @@ class TrainConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
     distill: DistillSection = field(default_factory=DistillSection)
     lora: LoRAConfig | None = None  # adapters on the frozen init_from model (adapt/lora_config.py)
+    dist: DistSection = field(default_factory=DistSection)
 
     def validate(self) -> TrainConfig:
         """Check cross-field rules; raises ConfigError naming the key."""
@@ -283,6 +292,7 @@ class TrainConfig:
                 "set init_from or tokenizer.path, not both: a run initialised from a model reuses its tokenizer"
             )
         self._validate_post_training()
+        self._validate_distributed()
         if self.lora is not None:
             self.lora.validate()
             if self.init_from is None:
@@ -315,6 +325,22 @@ class TrainConfig:
         _positive("averaging.every", averaging.every)
         if averaging.kind == "none" and averaging.publish == "averaged":
             raise ConfigError("averaging.publish is averaged but averaging.kind is none")
+
+    def _validate_distributed(self) -> None:
+        """What cannot run under several processes is refused by name, never run wrong."""
+        strategy = self.dist.strategy
+        if self.dist.timeout_s <= 0:
+            raise ConfigError(f"dist.timeout_s must be > 0, got {self.dist.timeout_s}")
+        if strategy == "none":
+            return
+        if self.optim.name == "adamw8bit":
+            raise ConfigError(f"dist.strategy {strategy}: optim.name adamw8bit has no distributed state; use adamw")
+        if strategy == "fsdp" and self.averaging.kind != "none":
+            raise ConfigError("dist.strategy fsdp: weight averaging keeps a full copy per rank; use ddp or none")
+        if strategy == "fsdp" and self.lora is not None:
+            raise ConfigError("dist.strategy fsdp: LoRA adapters are small, use dist.strategy ddp")
+        if self.train.compile and strategy == "fsdp":
+            raise ConfigError("dist.strategy fsdp with train.compile is not supported yet; use ddp or drop compile")
 
     def _validate_post_training(self) -> None:
         dpo, distill = self.dpo, self.distill
