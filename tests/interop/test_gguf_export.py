@@ -8,9 +8,12 @@ import pytest
 import torch
 from export_helpers import architecture_model_dir
 
-from fucina.interop.gguf import export_gguf, permute_for_llama_cpp
+from fucina.cli.export import GGUF_QUANTS as CLI_QUANTS
+from fucina.interop.gguf import GGUF_QUANTS, export_gguf, permute_for_llama_cpp
+from fucina.interop.gguf_weights import load_gguf_weights
 from fucina.interop.source import load_source
 from fucina.model.positions import apply_rotary, rope_tables
+from fucina.model.transformer import Transformer
 from fucina.tokenizer import LLAMA_CPP_PRETOKENIZER, bpe_merges
 
 T = gguf.GGMLQuantizationType
@@ -36,15 +39,17 @@ def gpt2_source(tmp_path_factory):
     return load_source(architecture_model_dir(tmp_path_factory.mktemp("gpt2") / "model", "gpt2", bias=False))
 
 
-@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("quant", GGUF_QUANTS)
 def test_llama_gguf_holds_every_tensor_with_llama_cpp_names_shapes_and_types(llama_source, tmp_path, quant):
     config = llama_source.model.config
     reader = gguf.GGUFReader(export_gguf(llama_source, tmp_path / "m.gguf", quant=quant).path)
     tensors = _tensors(reader)
     d, ff, kv = config.d_model, config.ff_size, config.kv_heads * config.head_size
-    matrix = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}[quant]
-    expected = {"token_embd.weight": ((config.vocab_size, d), matrix), "output_norm.weight": ((d,), T.F32)}
-    expected["output.weight"] = ((config.vocab_size, d), matrix)
+    matrix = T[quant.upper()]
+    blocks = quant.startswith("q")
+    outer = T.Q8_0 if quant in ("q5_1", "q5_0", "q4_1", "q4_0") else matrix  # embedding and head
+    expected = {"token_embd.weight": ((config.vocab_size, d), outer), "output_norm.weight": ((d,), T.F32)}
+    expected["output.weight"] = ((config.vocab_size, d), outer)
     for i in range(config.n_layers):
         expected |= {
             f"blk.{i}.attn_norm.weight": ((d,), T.F32),
@@ -55,8 +60,8 @@ def test_llama_gguf_holds_every_tensor_with_llama_cpp_names_shapes_and_types(lla
             f"blk.{i}.ffn_norm.weight": ((d,), T.F32),
             f"blk.{i}.ffn_gate.weight": ((ff, d), matrix),
             f"blk.{i}.ffn_up.weight": ((ff, d), matrix),
-            # rows of 80 inputs cannot be cut into q8_0 blocks of 32: f16 instead
-            f"blk.{i}.ffn_down.weight": ((d, ff), T.F16 if quant == "q8_0" else matrix),
+            # rows of 80 inputs cannot be cut into blocks of 32: f16 instead
+            f"blk.{i}.ffn_down.weight": ((d, ff), T.F16 if blocks else matrix),
         }
     assert tensors == expected
 
@@ -151,3 +156,27 @@ def test_permuted_rows_with_interleaved_rope_equal_our_rotate_half_rope():
         theirs.view(length, heads, head_dim // 2, 2).transpose(-1, -2).reshape(length, heads, head_dim)
     )
     torch.testing.assert_close(unpermuted, ours[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_cli_offers_every_gguf_type_the_exporter_writes():
+    assert CLI_QUANTS == GGUF_QUANTS
+
+
+# Worst weight error of each level, relative to the largest weight of the tensor (one block's scale step).
+LEVEL_ERROR = {"f32": 0, "f16": 1e-3, "bf16": 4e-3, "q8_0": 5e-3, "q5_1": 0.06, "q5_0": 0.06, "q4_1": 0.1}
+
+
+@pytest.mark.parametrize("quant", [*LEVEL_ERROR, "q4_0"])
+def test_every_level_reads_back_as_our_weights_within_its_rounding(llama_source, tmp_path, quant):
+    model = llama_source.model
+    path = export_gguf(llama_source, tmp_path / "m.gguf", quant=quant).path
+    restored = load_gguf_weights(Transformer(model.config), path)  # q and k permuted back, fused again
+    tolerance = LEVEL_ERROR.get(quant, 0.16)
+    for name, theirs in restored.state_dict().items():
+        ours = model.state_dict()[name]
+        assert (theirs - ours).abs().max() <= tolerance * ours.abs().max() + 1e-7, name
+    if quant != "f32":  # rounding happened, and it is not the same at every level
+        assert not torch.equal(
+            restored.state_dict()["blocks.0.mixer.qkv_proj.weight"],
+            model.state_dict()["blocks.0.mixer.qkv_proj.weight"],
+        )

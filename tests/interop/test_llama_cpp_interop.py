@@ -5,6 +5,7 @@ Marked `interop` (make test-interop installs llama-cpp-python); CI does not run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import lzma
 from pathlib import Path
@@ -16,7 +17,9 @@ from export_helpers import ITALIAN_SAMPLES, architecture_model_dir, random_model
 
 from fucina.inference.generate import SamplingConfig, generate
 from fucina.interop.gguf import export_gguf
+from fucina.interop.gguf_weights import load_gguf_weights
 from fucina.interop.source import load_source
+from fucina.model.transformer import Transformer
 from fucina.resources import builtin_chat_file, builtin_prose_files
 from fucina.tokenizer import train_tokenizer
 
@@ -36,7 +39,28 @@ LOGIT_TOLERANCE = {"llama": 1e-3, "gpt2": 1e-2}
 
 
 def _load(path: Path, **kwargs):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False, **kwargs)
+    with without_weight_repacking():
+        return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=1, verbose=False, **kwargs)
+
+
+@contextlib.contextmanager
+def without_weight_repacking():
+    """Load llama.cpp models with use_extra_bufts off: the AMX repacking of q8_0/q4_0 weights in
+    llama-cpp-python 0.3.36 built on an AMX CPU crashes on the first decode (llama.cpp then uses its
+    plain AVX-512 dot products, which compute the same q8_0/q4_0 products)."""
+    module = llama_cpp.llama.llama_cpp
+    default = module.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
 
 
 @pytest.fixture(scope="module", params=list(MODELS), ids=list(MODELS))
@@ -136,3 +160,81 @@ def test_llama_cpp_tokenizes_italian_text_to_fucina_ids(tmp_path, pretokenizer, 
         llm.close()
     assert mismatches == []
     assert len(texts) > 400
+
+
+# --- quantized levels ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_llama(tmp_path_factory):
+    """The tiny llama of export_helpers trained briefly on built-in prose: confident, as real models are."""
+    from export_helpers import ARCHITECTURES, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer("chatml")
+    text = " ".join(path.read_text(encoding="utf-8") for path in builtin_prose_files()[:2])
+    ids = torch.tensor(tokenizer.encode(text))
+    config = ARCHITECTURES["llama"][0]
+    torch.manual_seed(0)
+    model = Transformer(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    length, generator = config.context_length, torch.Generator().manual_seed(0)
+    for _ in range(300):
+        starts = torch.randint(0, len(ids) - length - 1, (16,), generator=generator)
+        batch = torch.stack([ids[s : s + length + 1] for s in starts])  # (16, T + 1)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    root = tmp_path_factory.mktemp("trained")
+    return load_source(write_model_dir(root / "model", model.eval(), tokenizer)), root
+
+
+def _greedy(llm, prompt: list[int], count: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    tokens = []
+    for _ in range(count):
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([tokens[-1]])
+    return tokens
+
+
+def test_llama_cpp_q8_0_greedy_continuation_equals_fucina_on_the_same_q8_0_weights(trained_llama):
+    source, root = trained_llama
+    path = export_gguf(source, root / "greedy-q8_0.gguf", quant="q8_0").path
+    text = builtin_prose_files()[0].read_text(encoding="utf-8")
+    prompt = [source.tokenizer.eos_id] + source.tokenizer.encode(text[:120])  # a passage it has learnt
+    restored = load_gguf_weights(Transformer(source.model.config), path).eval()
+    ours = generate(restored, [prompt], SamplingConfig(max_new_tokens=32, greedy=True))[0]
+    llm = _load(path, logits_all=True)
+    try:
+        assert _greedy(llm, prompt, 32) == ours
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
+def test_llama_cpp_logits_equal_fucina_logits_on_the_quantized_weights_read_back(trained_llama, quant):
+    # Round trip: llama.cpp computes with the q8_0/q4_0 blocks; fucina with the same blocks dequantized.
+    source, root = trained_llama
+    path = export_gguf(source, root / f"{quant}.gguf", quant=quant).path
+    restored = load_gguf_weights(Transformer(source.model.config), path).eval()
+    ids = sum((source.tokenizer.encode(text) for text in ITALIAN_SAMPLES), [])[:90]
+    llm = _load(path, logits_all=True, **F32_KV_CACHE)
+    try:
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours, unquantized = (
+            restored(torch.tensor([ids]))[0].numpy(),
+            source.model(torch.tensor([ids]))[0].numpy(),
+        )
+    spread = ours.std()
+    # llama.cpp multiplies the blocks by q8_0-rounded activations: close, not equal, to the float product
+    assert np.abs(theirs - ours).max() < 0.2 * spread
+    if quant == "q4_0":  # 4-bit weight rounding dwarfs the activation rounding: far closer than float
+        assert np.abs(theirs - ours).mean() < 0.5 * np.abs(unquantized - ours).mean()

@@ -6,7 +6,8 @@ the tokenizer with its chat template, generation_config.json and a README.md mod
 `AutoModelForCausalLM.from_pretrained(DIR)` (GPT-2, LLaMA, Mistral, Ministral classes); PicoDAC-style
 models become transformers' ImageGPTForCausalImageModeling (no custom code), or with
 `--picodac-class remote-code` a small remote-code module for AutoModelForCausalLM. `--format gguf --out
-FILE.gguf [--quant f32|f16|q8_0]` writes one GGUF file for llama.cpp (LLaMA- and GPT-2-style models).
+FILE.gguf [--quant f32|f16|bf16|q8_0|q5_1|q5_0|q4_1|q4_0]` writes one GGUF file for llama.cpp
+(LLaMA- and GPT-2-style models).
 `--format ternary --out FILE.safetensors [--dtype bfloat16|float32]` packs a BitNet model's projections
 at 2 bits per weight (load it with fucina.compress.ternary.load_ternary). `--format ollama --out DIR
 [--quant ...]` writes DIR/model.gguf and DIR/Modelfile with the chat template in Ollama's syntax, ready
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 
 FORMATS = ("hf", "gguf", "ternary", "ollama", "peft")
+# fucina.interop.gguf.GGUF_QUANTS, spelled out: parsing arguments imports neither torch nor gguf
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 
 
 def register(subparsers) -> None:
@@ -44,8 +47,8 @@ def register(subparsers) -> None:
     export.add_argument(
         "--quant",
         default="f16",
-        choices=("f32", "f16", "q8_0"),
-        help="GGUF matrix type, gguf and ollama (default f16)",
+        choices=GGUF_QUANTS,
+        help="GGUF matrix type, gguf and ollama (default f16; q4_*/q5_* keep embedding and head in q8_0)",
     )
     export.add_argument(
         "--dtype",

@@ -13,9 +13,12 @@ Design choices, and why:
   llama.cpp's llama graph rotates adjacent pairs, so each head's rows are reordered from
   [x_0..x_{d/2-1}, x_{d/2}..] to interleaved pairs, exactly as convert_hf_to_gguf.py's LlamaModel.permute
   does for HF LLaMA checkpoints.
-- Tensor types: norms and biases stay f32; matrices are f32, f16 or q8_0 as asked. q8_0 needs rows
-  whose length is a multiple of 32 (its block); a matrix that is not falls back to f16, as
-  convert_hf_to_gguf.py does.
+- Tensor types: norms and biases stay f32; matrices are in the type asked (GGUF_QUANTS: every type the
+  `gguf` package can write). The block types (q8_0, q5_1, q5_0, q4_1, q4_0) need rows whose length is a
+  multiple of 32 (their block); a matrix that is not falls back to f16, as convert_hf_to_gguf.py does.
+  At 4 and 5 bits the token embedding and the output head are written in q8_0, as fucina's int4 keeps
+  its head in int8 (and llama.cpp's own 4-bit mixes keep the head at 6-8 bits): their errors land
+  directly on every logit.
 - The tokenizer is written as llama.cpp's byte-level BPE ("gpt2" model): the byte-level token strings in
   id order, their types (chat special tokens CONTROL, padding rows of a vocabulary larger than the
   tokenizer UNUSED), the merges in rank order, the bos/eos/pad ids (and the template's other stop token
@@ -44,8 +47,10 @@ from fucina.tokenizer import LLAMA_CPP_PRETOKENIZER, FucinaTokenizer, bpe_merges
 
 log = logging.getLogger(__name__)
 
-GGUF_QUANTS = ("f32", "f16", "q8_0")
-Q8_0_BLOCK = 32
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+GGUF_BLOCK = 32  # elements per block of every q* type above
+LOW_BIT_QUANTS = ("q5_1", "q5_0", "q4_1", "q4_0")  # token embedding and head in q8_0 (module docstring)
+KEPT_AT_8_BITS = ("token_embd.weight", "output.weight")
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def gguf_architecture(config: ModelConfig) -> str:
 def export_gguf(
     source: ExportSource, out: str | Path, quant: str = "f16", overwrite: bool = False
 ) -> GGUFExport:
-    """Write `source` as the GGUF file `out` with matrices in `quant` (f32, f16 or q8_0)."""
+    """Write `source` as the GGUF file `out` with matrices in `quant` (one of GGUF_QUANTS)."""
     import gguf
 
     if quant not in GGUF_QUANTS:
@@ -106,7 +111,9 @@ def export_gguf(
         _write_hyperparameters(writer, architecture, config, source, quant)
         _write_tokenizer(writer, source.tokenizer, config.vocab_size, pretokenizer)
         for name, array in tensors:
-            data, dtype = _encode(array, quant)
+            data, dtype = _encode(
+                array, "q8_0" if quant in LOW_BIT_QUANTS and name in KEPT_AT_8_BITS else quant
+            )
             writer.add_tensor(name, data, raw_dtype=dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -127,11 +134,16 @@ def _write_hyperparameters(
     file_types = {
         "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+        "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     }
     writer.add_name(source.run_dir.name if source.run_dir is not None else source.model_dir.name)
     writer.add_file_type(file_types[quant])
-    if quant == "q8_0":
+    if quant.startswith("q"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.d_model)
@@ -283,12 +295,13 @@ def _gpt2_tensors(config: ModelConfig, state: dict[str, torch.Tensor]) -> Iterat
 
 
 def _encode(tensor: torch.Tensor, quant: str):
-    """(array, GGML type) for one tensor: vectors in f32, matrices in `quant` (q8_0 falls back to f16)."""
+    """(array, GGML type) of one tensor: vectors in f32, matrices in `quant` (f16 if rows aren't whole blocks)."""
     import gguf
 
     array = tensor.contiguous().numpy()
     if array.ndim == 1 or quant == "f32":
         return array.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if quant == "q8_0" and array.shape[-1] % Q8_0_BLOCK == 0:
-        return gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return array.astype(np.float16), gguf.GGMLQuantizationType.F16
+    if quant == "f16" or (quant != "bf16" and array.shape[-1] % GGUF_BLOCK):
+        return array.astype(np.float16), gguf.GGMLQuantizationType.F16
+    kind = gguf.GGMLQuantizationType[quant.upper()]
+    return gguf.quants.quantize(array.astype(np.float32), kind), kind
