@@ -137,7 +137,11 @@ class MixtureBatches:
 
     def phase_index(self, step: int) -> int:
         """The phase of optimizer step `step` (1-based): the last whose start <= the step's fraction."""
-        total = self.total_steps or 1
+        if self.total_steps is None:
+            if len(self.phases) > 1:
+                raise DataError("the mixture's phases are run fractions: call plan(total_steps) first")
+            return 0
+        total = self.total_steps
         index = 0
         for number, phase in enumerate(self.phases):
             if step > math.floor(phase.start * total):
