@@ -14,6 +14,7 @@ bit-identically).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -104,7 +105,8 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
-    print(format_result(result, dry_run=args.dry_run))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        print(format_result(result, dry_run=args.dry_run))
     return 0
 
 

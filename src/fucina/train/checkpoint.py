@@ -48,6 +48,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+SHARDED_FORMAT = 2  # dist.strategy ddp/fsdp: train/sharded_checkpoint.py
 _NAME = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = ".tmp-"
 CORRUPT_PREFIX = "corrupt-"
@@ -59,8 +60,12 @@ class Checkpoint:
 
     path: Path
     step: int
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor] | None  # None: sharded (train/sharded_checkpoint.py), in dcp/
     trainer_state: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return self.model_state is None
 
 
 def checkpoint_name(step: int) -> str:
@@ -170,6 +175,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{manifest_path}: missing (incomplete checkpoint)") from None
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    if manifest.get("format") == SHARDED_FORMAT:  # written by several processes: verify, state only
+        for name, expected in files.items():
+            _read_verified(path, name, expected)
+        state = (path / STATE_FILE).read_bytes()
+        return Checkpoint(path=path, step=step, model_state=None, trainer_state=_load_state(path, state))
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_path}: unsupported checkpoint format {manifest.get('format')!r}")
     for name in (MODEL_FILE, STATE_FILE):
@@ -181,11 +191,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         model_state = safetensors.torch.load(weights)
     except Exception as err:  # safetensors raises its own error types
         raise CheckpointError(f"{path / MODEL_FILE}: unreadable weights ({err})") from None
+    return Checkpoint(path=path, step=step, model_state=model_state, trainer_state=_load_state(path, state))
+
+
+def _load_state(path: Path, state: bytes) -> dict[str, Any]:
     try:
-        trainer_state = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError: a bad or hostile file
         raise CheckpointError(f"{path / STATE_FILE}: unreadable trainer state ({err})") from None
-    return Checkpoint(path=path, step=step, model_state=model_state, trainer_state=trainer_state)
 
 
 def clear_incomplete_writes(directory: str | Path) -> None:

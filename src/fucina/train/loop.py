@@ -9,8 +9,12 @@ What happens, in order: open the run directory (resume or start), seed everythin
 Design choices:
 - The stage (train/stages.py) supplies the data builder and the objective; the loop has no branch on
   the stage's name. For the LM objective the loss is the model's fused LM-head cross-entropy.
-- One process for now: the data is built for rank 0 of 1 (data/loaders.py shards by rank already);
-  distributed training will set the shard and sum the step's supervised count over ranks.
+- Several processes (`dist.strategy` ddp or fsdp under torchrun, train/process_group.py): each rank
+  reads its shard of every global batch; the step's supervised count is summed over ranks before the
+  loss is normalised, and the loss is scaled by the world size (DDP and FSDP average gradients), so a
+  step is the single-process step on the global batch. Rank 0 writes every file; the others wait for
+  it where they read what it writes (tokenizer, packed data). Checkpoints are then DCP shards
+  (train/sharded_checkpoint.py) that resume at any world size.
 - Exact resume on CPU: the checkpoint holds the float32 weights, the optimizer's state, the weight
   average (train/averaging.py), every RNG (python,
   numpy, torch CPU and CUDA), the data position (epoch, index; the order itself is a pure function of
@@ -45,7 +49,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +74,28 @@ from fucina.presets import get_preset
 from fucina.tokenizer import FucinaTokenizer
 from fucina.train.activation_checkpointing import apply_activation_checkpointing
 from fucina.train.averaging import WeightAverage, averaging_start_step
-from fucina.train.checkpoint import save_checkpoint
+from fucina.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fucina.train.config import TrainConfig, scientific_floats
 from fucina.train.context_extension import model_with_overrides
 from fucina.train.lerac import lerac_factor
 from fucina.train.metrics import MetricsLogger, collect_routing_statistics
 from fucina.train.optim import build_optimizer, optimizer_state_bytes
+from fucina.train.process_group import (
+    SINGLE_PROCESS,
+    ProcessGroup,
+    peer_failure,
+    start_process_group,
+    stop_process_group,
+    wrap_model,
+)
 from fucina.train.run_dir import RunDirectory, RunDirectoryError, open_run_directory, publish_model_dir
 from fucina.train.schedules import LRSchedule, build_schedule
+from fucina.train.sharded_checkpoint import (
+    gathered_model,
+    load_rank_rng,
+    load_sharded_state,
+    save_sharded_checkpoint,
+)
 from fucina.train.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -228,23 +246,31 @@ class Trainer:
     """One stage of training in one run directory (see the module docstring)."""
 
     def __init__(
-        self, config: TrainConfig, run: RunDirectory, checkpoint, kill_after_step: int | None = None
+        self,
+        config: TrainConfig,
+        run: RunDirectory,
+        checkpoint,
+        kill_after_step: int | None = None,
+        group: ProcessGroup = SINGLE_PROCESS,
+        device_name: str | None = None,
     ):
-        self.config, self.run, self.kill_after_step = config, run, kill_after_step
+        self.config, self.run, self.kill_after_step, self.group = config, run, kill_after_step, group
         train = config.train
         if train.num_threads is not None:
             torch.set_num_threads(train.num_threads)
         random.seed(train.seed)
         np.random.seed(train.seed)
         torch.manual_seed(train.seed)
-        self.device = resolve_device(train.device)
+        self.device = resolve_device(device_name or train.device)
         self.amp_dtype = autocast_dtype(train.precision, self.device)
 
         inherited_model, inherited_tokenizer = None, None
         if config.init_from is not None:
             inherited_model, inherited_tokenizer = load_pretrained(config.init_from)
         self.stage = get_stage(config.stage)
-        self.tokenizer = prepare_tokenizer(config, run.path, inherited_tokenizer, self.stage.builtin_corpus)
+        self.tokenizer = group.writer_first(
+            lambda: prepare_tokenizer(config, run.path, inherited_tokenizer, self.stage.builtin_corpus)
+        )
         self.objective = self.stage.objective(config, self._load_frozen_model())
         if inherited_model is not None:
             model = model_with_overrides(inherited_model, config.model)
@@ -255,7 +281,7 @@ class Trainer:
             model = Transformer(model_config)
         if config.lora is not None:  # the base frozen, adapters on its projections (fucina.adapt)
             model = apply_lora(model, config.lora)
-        if checkpoint is not None:
+        if checkpoint is not None and not checkpoint.sharded:
             try:  # a LoRA run's checkpoints hold the adapters only
                 load_trainable_state_dict(model, checkpoint.model_state)
             except RuntimeError as err:
@@ -265,7 +291,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.model_config = self.model.config
         model_json = {"fucina_model_version": MODEL_VERSION, **self.model_config.to_dict()}
-        write_atomically(run.path / MODEL_CONFIG_FILE, json.dumps(model_json, indent=2) + "\n")
+        if group.is_writer:
+            write_atomically(run.path / MODEL_CONFIG_FILE, json.dumps(model_json, indent=2) + "\n")
         self._configure_model_switches()
 
         model_context = self.model_config.context_length
@@ -279,13 +306,16 @@ class Trainer:
                 f"the {self.stage.frozen_model} model holds {self.frozen_context} tokens of context, fewer "
                 f"than this run's {self.context_length}; set data.context_length or model.context_length"
             )
-        self.data: StageData = self.stage.build_data(
-            config, run.path, self.tokenizer, self.context_length, DataShard(rank=0, world_size=1)
+        config = self.config = _keep_global_batch(config, checkpoint, group)
+        self.global_rows = config.train.batch_size * config.train.grad_accum * group.world_size
+        shard = DataShard(rank=group.rank, world_size=group.world_size)
+        self.data: StageData = group.writer_first(
+            lambda: self.stage.build_data(config, run.path, self.tokenizer, self.context_length, shard)
         )
         log.info("data: %s", self.data.summary)
         prepare = getattr(self.objective, "prepare", None)  # one-off work on the data (DPO's reference)
         if prepare is not None:
-            prepare(self.data, run.path, self.device)
+            group.writer_first(lambda: prepare(self.data, run.path, self.device))
 
         self.total_steps = self._total_steps()
         plan_data(self.data.train, config, self.total_steps)  # curriculum windows, mixture phases
@@ -310,7 +340,12 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self.metrics = MetricsLogger(
-            run.path, config.stage, self.progress.step, config.log.tensorboard, config.log.plot
+            run.path,
+            config.stage,
+            self.progress.step,
+            config.log.tensorboard,
+            config.log.plot,
+            enabled=group.is_writer,
         )
 
     def _load_frozen_model(self) -> Transformer | None:
@@ -344,7 +379,8 @@ class Trainer:
         train = self.config.train
         if train.gradient_checkpointing:
             apply_activation_checkpointing(self.model)
-        self.forward = maybe_compile(self.model, train.compile)
+        wrapped = wrap_model(self.model, self.group, self.device, self.amp_dtype == torch.bfloat16)
+        self.forward = maybe_compile(wrapped, train.compile)
 
     def _total_steps(self) -> int:
         train = self.config.train
@@ -363,7 +399,9 @@ class Trainer:
         progress["position"] = [self.progress.position.epoch, self.progress.position.index]
         progress["source_positions"] = {k: list(v) for k, v in self.progress.position.sources.items()}
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "global_rows": self.global_rows,  # fixed at the start: resuming elsewhere keeps it
+            # Several processes: the optimizer's state is in the DCP shards (train/sharded_checkpoint.py).
+            "optimizer": None if self.group.distributed else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "averaging": self.average.state_dict() if self.average is not None else None,
             "rng": _rng_state(),
@@ -372,7 +410,15 @@ class Trainer:
 
     def _restore(self, checkpoint) -> None:
         state = checkpoint.trainer_state
-        self.optimizer.load_state_dict(state["optimizer"])
+        if checkpoint.sharded:
+            if not self.group.distributed:
+                raise ConfigError(
+                    f"{checkpoint.path} was saved by dist.strategy {state.get('strategy', 'ddp/fsdp')}; "
+                    "resume it with the same dist.strategy (any number of processes)"
+                )
+            load_sharded_state(checkpoint.path, self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.average is not None and state.get("averaging"):
@@ -381,9 +427,23 @@ class Trainer:
         epoch, index = progress.pop("position")
         sources = {k: (int(e), int(i)) for k, (e, i) in progress.pop("source_positions", {}).items()}
         self.progress = Progress(**progress, position=DataPosition(int(epoch), int(index), sources))
-        _set_rng_state(state["rng"])
+        _set_rng_state(
+            load_rank_rng(checkpoint.path, self.group.rank) if checkpoint.sharded else state["rng"]
+        )
 
     def _save_checkpoint(self) -> None:
+        if self.group.distributed:
+            save_sharded_checkpoint(
+                self.run.checkpoints,
+                self.progress.step,
+                self.model,
+                self.optimizer,
+                {**self._trainer_state(), "strategy": self.group.strategy},
+                _rng_state(),
+                self.group,
+                self.config.checkpoint.keep_last,
+            )
+            return
         path = save_checkpoint(
             self.run.checkpoints,
             self.progress.step,
@@ -396,12 +456,17 @@ class Trainer:
         log.log(logging.INFO if self.config.lora else logging.DEBUG, "checkpoint %s: %.2f MiB", path, size)
 
     def _publish(self, name: str, result: EvalResult | None, weights: str = "raw") -> None:
-        """Write best/ or final/ from the raw weights or the averaged ones (`weights`)."""
+        """Write best/ or final/ from the raw weights or the averaged ones (`weights`).
+
+        Under FSDP every rank takes part in gathering the full weights; rank 0 alone writes."""
+        model = gathered_model(self.model, self.model_config) if self.group.strategy == "fsdp" else self.model
+        if not self.group.is_writer:
+            return
 
         def write(directory: Path) -> None:
             averaged = weights == "averaged" and self.average is not None and self.average.active
             with self.average.swapped_in() if averaged else contextlib.nullcontext():
-                save_trained_model(self.model, directory, self.config.init_from, self.config.lora)
+                save_trained_model(model, directory, self.config.init_from, self.config.lora)
             self.tokenizer.save(directory)
 
         info = {
@@ -445,8 +510,11 @@ class Trainer:
         for group, rate in zip(self.optimizer.param_groups, self._learning_rates(step)):
             group["lr"] = rate
         micro_batches, position = self.data.train.next_step(self.progress.position, step)
-        # The step's normaliser, computed once (distributed training will sum it over ranks).
-        supervised = sum(self.objective.supervised_count(b) for b in micro_batches)
+        # The step's normaliser: the supervised tokens of the GLOBAL batch, summed over ranks; the world
+        # size undoes DDP's and FSDP's averaging of the gradients over ranks.
+        local = sum(self.objective.supervised_count(b) for b in micro_batches)
+        supervised = int(self.group.sum([local])[0])
+        scale = self.group.world_size
         loss_total, tokens = 0.0, 0
         logs: dict[str, float] = {}
         unit_sums: dict[str, float] = {}
@@ -454,7 +522,7 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
                 output = self.objective(self.forward, batch)
-            loss = output.loss_sum / max(supervised, 1)
+            loss = output.loss_sum * scale / max(supervised, 1)
             aux = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
             if aux is not None and torch.is_tensor(aux) and aux.requires_grad:
                 loss = loss + aux / config.train.grad_accum
@@ -465,6 +533,10 @@ class Trainer:
             for key, value in output.unit_sums.items():
                 unit_sums[key] = unit_sums.get(key, 0.0) + value
             tokens += batch["input_ids"].numel()
+        if self.group.distributed:  # the step's values over the whole global batch
+            keys = sorted(unit_sums)
+            loss_total, tokens, *sums = self.group.sum([loss_total, tokens, *(unit_sums[k] for k in keys)])
+            tokens, unit_sums = int(tokens), dict(zip(keys, sums, strict=True))
         logs.update({key: value / max(supervised, 1) for key, value in unit_sums.items()})
         if not math.isfinite(loss_total) and self.amp_dtype != torch.float16:
             raise TrainingDivergedError(
@@ -490,11 +562,25 @@ class Trainer:
         self.model.eval()
         nats, count, num_bytes = 0.0, 0, 0.0
         logs: dict[str, float] = {}
+        batches = list(self.data.val.batches(max_batches or self.config.eval.max_batches))  # this rank's
+        # FSDP gathers weights inside every forward: all ranks must run as many (extras are discarded).
+        # DDP evaluates on the bare module, which runs no collective.
+        forward = self.forward if self.group.strategy == "fsdp" else self.model
+        extra = 0
+        if self.group.strategy == "fsdp":
+            if -self.group.max(-len(batches)) == 0:
+                raise ConfigError(
+                    f"too few validation batches for {self.group.world_size} processes: raise eval.max_batches "
+                    "or data.val_fraction so every rank has one"
+                )
+            extra = self.group.max(len(batches)) - len(batches)
         try:
-            for batch, batch_bytes in self.data.val.batches(max_batches or self.config.eval.max_batches):
+            for number, (batch, batch_bytes) in enumerate(batches + batches[-1:] * extra):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 with self._autocast():
-                    output = self.objective(self.forward, batch)
+                    output = self.objective(forward, batch)
+                if number >= len(batches):  # a padding forward of FSDP
+                    continue
                 nats += float(output.loss_sum)
                 count += output.count
                 for key, value in output.unit_sums.items():
@@ -502,6 +588,12 @@ class Trainer:
                 num_bytes += batch_bytes
         finally:
             self.model.train()
+        if self.group.distributed:  # sums over every rank's share of the validation data
+            keys = self.group.broadcast(sorted(logs))
+            nats, count, num_bytes, *sums = self.group.sum(
+                [nats, count, num_bytes, *(logs.get(k, 0.0) for k in keys)]
+            )
+            count, logs = int(count), dict(zip(keys, sums, strict=True))
         loss = nats / max(count, 1)
         return EvalResult(
             val_loss=loss,
@@ -593,7 +685,7 @@ class Trainer:
             initial=p.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not config.log.progress,
+            disable=not config.log.progress or not self.group.is_writer,
             desc=config.stage,
         )
         self.model.train()
@@ -659,7 +751,7 @@ class Trainer:
             self._after_eval(last_result, None, extra)
         elif last_result is None:
             last_result = self._last_logged_eval()
-        if not self.run.best.exists():
+        if self.group.broadcast(not self.run.best.exists()):  # one answer for every rank
             self._publish(BEST_DIR, last_result, self.published_weights)
         self._publish(FINAL_DIR, last_result, self.published_weights)
         self.metrics.write_stats(self._stats_progress(finished=True))
@@ -699,11 +791,19 @@ def train(
 
     File-system failures (disk full, permissions) become one RunDirectoryError line naming the file.
     """
+    group, device_name = start_process_group(config.dist.strategy, config.train.device, config.dist.timeout_s)
+    if not group.is_writer:  # rank 0 speaks for the run
+        logging.getLogger("fucina").setLevel(logging.WARNING)
     try:
-        run, checkpoint = open_run_directory(run_dir, config, resume, overwrite)
+        run, checkpoint = _open_run(run_dir, config, resume, overwrite, group)
         try:
-            trainer = Trainer(config, run, checkpoint, kill_after_step)
+            trainer = Trainer(config, run, checkpoint, kill_after_step, group, device_name)
             return trainer.run_loop()
+        except RuntimeError as err:
+            failure = peer_failure(err, group, str(run.checkpoints))
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             run.release()
     except OSError as err:
@@ -711,3 +811,51 @@ def train(
         raise RunDirectoryError(
             f"{where}: {err.strerror or err} (files already in {run_dir} are intact)"
         ) from None
+    finally:
+        stop_process_group()
+
+
+def _keep_global_batch(
+    config: TrainConfig, checkpoint: Checkpoint | None, group: ProcessGroup
+) -> TrainConfig:
+    """The config with grad_accum set so the global batch is the one the run started with.
+
+    A run resumed by another number of processes keeps its global batch (batch_size x grad_accum x
+    world_size at its start) by changing how many micro-batches each rank accumulates."""
+    train = config.train
+    saved = checkpoint.trainer_state.get("global_rows") if checkpoint is not None else None
+    if saved is None or saved == train.batch_size * train.grad_accum * group.world_size:
+        return config
+    per_pass = train.batch_size * group.world_size
+    if saved % per_pass:
+        raise ConfigError(
+            f"this run's global batch is {saved} rows, which {group.world_size} process(es) x "
+            f"train.batch_size {train.batch_size} cannot divide; resume with a world size that divides it"
+        )
+    log.info(
+        "global batch of %d rows on %d process(es): grad_accum %d", saved, group.world_size, saved // per_pass
+    )
+    return replace(config, train=replace(train, grad_accum=saved // per_pass))
+
+
+def _open_run(
+    run_dir: str | Path, config: TrainConfig, resume: bool | None, overwrite: bool, group: ProcessGroup
+) -> tuple[RunDirectory, Checkpoint | None]:
+    """Rank 0 opens (locks, checks, resumes) the run directory; the others follow its decision."""
+    if not group.distributed:
+        return open_run_directory(run_dir, config, resume, overwrite)
+    opened, failure = None, None
+    if group.is_writer:
+        try:
+            opened = open_run_directory(run_dir, config, resume, overwrite)
+        except FucinaError as err:
+            failure = err
+    checkpoint_path = opened[1].path if opened and opened[1] is not None else None
+    decision = group.broadcast((str(failure) if failure else None, checkpoint_path))
+    if failure is not None:
+        raise failure
+    if decision[0] is not None:
+        raise RunDirectoryError(f"rank 0 could not open {run_dir}: {decision[0]}")
+    if opened is not None:
+        return opened
+    return RunDirectory(run_dir), (load_checkpoint(decision[1]) if decision[1] is not None else None)

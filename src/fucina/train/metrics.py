@@ -81,14 +81,18 @@ class MetricsLogger:
         resume_step: int = 0,
         tensorboard: bool = True,
         plot: bool = True,
+        enabled: bool = True,
     ):
+        """`enabled` False (ranks other than 0): the records are kept in memory and no file is written."""
         self.run_dir = Path(run_dir)
         self.stage = stage
-        self.plot_enabled = plot
+        self.enabled = enabled
+        self.plot_enabled = plot and enabled
         self.records = [
             r for r in _read_jsonl(self.run_dir / METRICS_FILE) if r.get("step", 0) <= resume_step
         ]
-        self._rewrite_jsonl()
+        if enabled:
+            self._rewrite_jsonl()
         self.stats: dict[str, Any] = {"stage": stage, "evals": [], "best": None}
         stats_path = self.run_dir / STATS_FILE
         if resume_step > 0 and stats_path.is_file():
@@ -100,7 +104,7 @@ class MetricsLogger:
         best = [e for e in self.stats["evals"] if e.get("is_best")]
         self.stats["best"] = best[-1] if best else None
         self.writer = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: it is slow to import
 
             self.writer = SummaryWriter(
@@ -113,6 +117,8 @@ class MetricsLogger:
 
     def _append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -155,6 +161,8 @@ class MetricsLogger:
     def write_stats(self, progress: dict[str, Any]) -> None:
         """Rewrite train_stats.json with the evaluations so far and `progress` (step, finished, ...)."""
         self.stats.update(progress)
+        if not self.enabled:
+            return
         write_atomically(self.run_dir / STATS_FILE, json.dumps(self.stats, indent=2, ensure_ascii=False))
 
     def write_plot(self) -> None:

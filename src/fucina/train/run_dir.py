@@ -76,6 +76,7 @@ RESUMABLE_CHANGES = (
     "eval.min_delta",
     "checkpoint.",
     "log.",
+    "dist.timeout_s",
 )
 
 
