@@ -41,7 +41,10 @@ def test_a_model_directory_written_before_the_change_loads_to_the_same_model(nam
     expected = EXPECTED[name]
     assert model_kind(OLD / name) == kind
     assert tokenizer.encode(EXPECTED["text"]) == expected["ids"]
-    assert _last_logits(model, expected["ids"]) == pytest.approx(expected["last_logits"], abs=1e-5)
+    # The int8 kernels now quantize activations too (W8A8, issue 19): the stored weights are the same,
+    # the products round differently, well inside what int8 itself costs.
+    tolerance = 1e-5 if kind == "full" else 5e-4
+    assert _last_logits(model, expected["ids"]) == pytest.approx(expected["last_logits"], abs=tolerance)
     quantized = any(isinstance(module, Int8Linear) for module in model.modules())
     assert quantized == (kind == "quantized")
 

@@ -334,13 +334,19 @@ class TrainConfig:
         if strategy == "none":
             return
         if self.optim.name == "adamw8bit":
-            raise ConfigError(f"dist.strategy {strategy}: optim.name adamw8bit has no distributed state; use adamw")
+            raise ConfigError(
+                f"dist.strategy {strategy}: optim.name adamw8bit has no distributed state; use adamw"
+            )
         if strategy == "fsdp" and self.averaging.kind != "none":
-            raise ConfigError("dist.strategy fsdp: weight averaging keeps a full copy per rank; use ddp or none")
+            raise ConfigError(
+                "dist.strategy fsdp: weight averaging keeps a full copy per rank; use ddp or none"
+            )
         if strategy == "fsdp" and self.lora is not None:
             raise ConfigError("dist.strategy fsdp: LoRA adapters are small, use dist.strategy ddp")
         if self.train.compile and strategy == "fsdp":
-            raise ConfigError("dist.strategy fsdp with train.compile is not supported yet; use ddp or drop compile")
+            raise ConfigError(
+                "dist.strategy fsdp with train.compile is not supported yet; use ddp or drop compile"
+            )
 
     def _validate_post_training(self) -> None:
         dpo, distill = self.dpo, self.distill
