@@ -70,7 +70,10 @@ def main() -> None:
         "stage": "pretrain",
         "model": {"preset": preset, "context_length": context},
         "tokenizer": {"vocab_size": 2000},
-        "data": {"train": [args.data] if args.data else ["builtin"], "val_fraction": 0.05},
+        "data": {
+            "train": [str(Path(args.data).resolve())] if args.data else ["builtin"],
+            "val_fraction": 0.05,
+        },
         "train": {"max_steps": steps, "batch_size": batch, "seed": 0},
         "eval": {"every": 0, "max_batches": 4},
         "checkpoint": {"every": 100000},
