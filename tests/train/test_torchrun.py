@@ -104,6 +104,20 @@ def test_sft_with_uneven_masks_gives_the_single_process_loss(tmp_path, pretraine
     assert _max_difference(tmp_path / "one", tmp_path / "two") < 1e-5
 
 
+def test_a_mixture_of_experts_trains_under_ddp_as_in_one_process(tmp_path):
+    """16 tokens per rank routed to 1 of 32 experts: most experts get no gradient on a rank, and DDP must
+    neither fail nor wait for theirs. The load-balancing loss is per micro-batch, so one process
+    accumulates the same one-row micro-batches."""
+    moe = {"preset": "mixtral-tiny", "context_length": 16, "n_layers": 2, "d_model": 64, "n_heads": 4}
+    moe.update(n_kv_heads=2, d_ff=32, moe_num_experts=32, moe_top_k=1)
+    changes = {"model": moe, "eval": {"every": 3}, "checkpoint": {"every": 3}}
+    one = _config(tmp_path, "one", 1, train={"max_steps": 6, "grad_accum": 2}, **changes)
+    _fucina(one, tmp_path / "one")
+    two = _config(tmp_path, "two", 1, "ddp", train={"max_steps": 6}, **changes)
+    _fucina(two, tmp_path / "two", processes=2)
+    assert _max_difference(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
 def test_a_sharded_checkpoint_resumes_at_another_world_size(tmp_path, first, then):
     """Saved at `first` processes after 10 steps; resumed at `then` it ends where continuing at `first` ends."""

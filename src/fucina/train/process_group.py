@@ -171,8 +171,14 @@ def wrap_model(model: nn.Module, group: ProcessGroup, device: torch.device, bf16
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
+        # A mixture of experts may route no token of a rank's micro-batch to some expert: without unused-
+        # parameter detection DDP then fails ("expected to have finished reduction") or waits forever for
+        # that expert's gradient. Dense models skip the detection's graph walk.
+        routed = any(callable(getattr(m, "routing_statistics", None)) for m in model.modules())
         # No buffers need syncing (RoPE tables are computed), and evaluation calls the bare module.
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(
+            model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=routed
+        )
     if group.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
