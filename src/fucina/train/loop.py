@@ -798,7 +798,9 @@ def train(
         run, checkpoint = _open_run(run_dir, config, resume, overwrite, group)
         try:
             trainer = Trainer(config, run, checkpoint, kill_after_step, group, device_name)
-            return trainer.run_loop()
+            result = trainer.run_loop()
+            group.finish()  # before the group goes: see process_group._LAST_WORK
+            return result
         except RuntimeError as err:
             failure = peer_failure(err, group, str(run.checkpoints))
             if failure is None:

@@ -80,6 +80,14 @@ class ProcessGroup:
         if self.distributed:
             dist.barrier()
 
+    def finish(self) -> None:
+        """The last collective of a run that ended well: a barrier whose handle lives until the process
+        exits (see _LAST_WORK)."""
+        if self.distributed:
+            work = dist.barrier(async_op=True)
+            work.wait()
+            _LAST_WORK.append(work)
+
     def writer_first(self, work: Callable[[], T]) -> T:
         """Run `work` on rank 0, then on the other ranks (which then find what rank 0 wrote)."""
         if not self.distributed:
@@ -158,6 +166,14 @@ def start_process_group(strategy: str, device_name: str, timeout_s: float) -> tu
     if group.is_writer:
         log.info("%s over %d process(es) (%s)", strategy, world, "nccl" if cuda else "gloo")
     return group, device_name
+
+
+# Gloo's worker threads free a finished collective when they drop its last reference; if it holds
+# tensors Python made, that takes the GIL, which the main thread holds while the group's destructor (run
+# when DDP's reducer is freed) joins those threads: a deadlock at exit, in about one 2-rank DDP run of
+# three here. The final barrier holds every collective still pending when it started; its handle, kept
+# here for the life of the process, makes the main thread, never a worker, free them.
+_LAST_WORK: list = []
 
 
 def stop_process_group() -> None:
