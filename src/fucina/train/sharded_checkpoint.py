@@ -147,6 +147,7 @@ def gathered_model(model: torch.nn.Module, config: ModelConfig) -> Transformer |
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not full:  # ranks other than 0 receive nothing with cpu_offload
         return None
-    plain = Transformer(config)
+    with torch.random.fork_rng(devices=[]):  # building it must not move rank 0's random stream
+        plain = Transformer(config)
     plain.load_state_dict(full)
     return plain.eval()
