@@ -185,3 +185,16 @@ def test_a_dead_rank_ends_the_others_with_a_message(tmp_path):
     assert ranks[0].returncode != 0
     assert "another process of the run stopped" in stderr and "last checkpoint" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_distillation_under_two_processes_equals_one(tmp_path, pretrained_run, strategy):
+    """A stage with a frozen second model: each rank holds its own copy of the teacher."""
+    distill = {
+        "stage": "distill",
+        "distill": {"teacher": str(pretrained_run), "alpha": 0.5, "temperature": 2.0},
+    }
+    shared = {"tokenizer": {"path": str(pretrained_run)}, "train": {"max_steps": 6}, **distill}
+    _fucina(_config(tmp_path, "one", 8, **shared), tmp_path / "one")
+    _fucina(_config(tmp_path, strategy, 4, strategy, **shared), tmp_path / "two", processes=2)
+    assert _max_difference(tmp_path / "one", tmp_path / "two") < 1e-5
