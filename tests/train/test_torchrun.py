@@ -198,3 +198,18 @@ def test_distillation_under_two_processes_equals_one(tmp_path, pretrained_run, s
     _fucina(_config(tmp_path, "one", 8, **shared), tmp_path / "one")
     _fucina(_config(tmp_path, strategy, 4, strategy, **shared), tmp_path / "two", processes=2)
     assert _max_difference(tmp_path / "one", tmp_path / "two") < 1e-5
+
+
+def test_dpo_under_two_processes_equals_one(tmp_path, pretrained_run):
+    """Preference pairs split over ranks: each rank scores its pairs against its own frozen reference."""
+    from test_dpo import _dpo_config, _write_pairs
+
+    prefs = tmp_path / "prefs.jsonl"
+    _write_pairs(prefs, 32)
+    runs = {}
+    for name, batch, strategy, processes in (("one", 4, "none", 1), ("two", 2, "ddp", 2)):
+        changes = {**SETTINGS, "train": {"max_steps": 6, "batch_size": batch, "num_threads": 1, "seed": 7}}
+        data = _dpo_config(pretrained_run, prefs, dist={"strategy": strategy}, **changes)
+        _fucina(write_config(tmp_path, data, f"{name}.yaml"), tmp_path / name, processes=processes)
+        runs[name] = tmp_path / name
+    assert _max_difference(runs["one"], runs["two"]) < 1e-5

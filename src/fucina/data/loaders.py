@@ -381,7 +381,9 @@ class SFTBatches:
         self.grad_accum, self.shard = grad_accum, shard
         if len(dataset) == 0:
             raise DataError("no training conversation has a supervised token (all too long or empty?)")
-        self.sampler = LengthGroupedSampler(dataset.lengths, batch_size, seed)
+        # Grouped by the GLOBAL batch (every rank's rows of one step), so a step holds the same
+        # conversations whatever the number of processes and however a resumed run splits it.
+        self.sampler = LengthGroupedSampler(dataset.lengths, batch_size * grad_accum * shard.world_size, seed)
         self._order: tuple[int, list[list[int]]] | None = None
 
     def epoch_order(self, epoch: int) -> list[list[int]]:
