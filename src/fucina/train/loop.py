@@ -83,6 +83,7 @@ from fucina.train.optim import build_optimizer, optimizer_state_bytes
 from fucina.train.process_group import (
     SINGLE_PROCESS,
     ProcessGroup,
+    exit_after_peer_failure,
     peer_failure,
     start_process_group,
     stop_process_group,
@@ -805,7 +806,7 @@ def train(
             failure = peer_failure(err, group, str(run.checkpoints))
             if failure is None:
                 raise
-            raise failure from None
+            exit_after_peer_failure(failure)
         finally:
             run.release()
     except OSError as err:

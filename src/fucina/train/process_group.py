@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from fucina.errors import ConfigError, FucinaError
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("none", "ddp", "fsdp")
+PEER_FAILURE_EXIT_CODE = 3
 _PEER_FAILURE = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
 
 
@@ -124,6 +126,16 @@ class ProcessGroup:
 
 
 SINGLE_PROCESS = ProcessGroup()
+
+
+def exit_after_peer_failure(failure: PeerFailureError) -> NoReturn:
+    """Print the one line and end the process at once.
+
+    A process group whose peer died cannot be shut down cleanly: destroying it, or the interpreter's
+    exit freeing gloo's pending work, can wait forever. The checkpoints are already on disk."""
+    sys.stderr.write(f"fucina: error: {failure}\n")
+    sys.stderr.flush()
+    os._exit(PEER_FAILURE_EXIT_CODE)
 
 
 def launched_world_size() -> int:
