@@ -98,7 +98,10 @@ def endless_server_url(served_model_dir, tmp_path_factory) -> Iterator[str]:
         n_heads=4,
         d_ff=128,
     )
-    save_model(Transformer(config).eval(), directory)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # logit 0 for the end-of-turn tokens: never the greedy pick of 400 random logits
+        model.lm_head.weight[tokenizer.template.stop_token_ids(tokenizer)] = 0.0
+    save_model(model, directory)
     tokenizer.save(directory)
     with start_server(directory, max_batch=4) as url:
         yield url
