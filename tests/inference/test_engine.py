@@ -115,6 +115,19 @@ def test_compiled_engine_lets_a_request_join_like_the_eager_one():
     assert compiled == eager
 
 
+def test_each_models_compiled_steps_have_their_own_recompile_budget():
+    # Dynamo keeps at most `recompile_limit` compiled versions per code object; with a limit of 1 and
+    # an error when it is hit, a second model of another shape sharing the class's forward would raise.
+    greedy = SamplingConfig(max_new_tokens=3, greedy=True)
+    models = [tiny_model(**VARIANTS["gqa-rope-llama"]), tiny_model(**VARIANTS["mha-learned-gpt2"])]
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        for model in models:
+            compiled, _ = run(
+                Engine(model, max_batch=1, max_length=16, compile=True), {0: (PROMPTS[0], greedy)}
+            )
+            assert list(compiled.values()) == [greedy_by_recomputation(model, PROMPTS[0], 3)]
+
+
 def test_two_threads_decoding_two_models_each_get_their_own_tokens():
     models = [tiny_model(seed=1, positions="rope"), tiny_model(seed=2, **VARIANTS["mha-learned-gpt2"])]
     sampling = SamplingConfig(max_new_tokens=12, greedy=True)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import types
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,8 +92,29 @@ def compiled_forward(view: DecodingView, model: Transformer) -> Callable | None:
         log.warning("compiled decoding does not support %s layers: decoding eagerly", ", ".join(unsupported))
         return None
     if view.compiled_forward is None:
-        view.compiled_forward = torch.compile(view.module.forward, dynamic=False)
+        view.compiled_forward = torch.compile(forward_of_its_own(view.module), dynamic=False)
     return view.compiled_forward
+
+
+_view_numbers = itertools.count()
+
+
+def forward_of_its_own(module: torch.nn.Module) -> Callable:
+    """`module.forward` bound through a copy of its code object, so its compilations are its own.
+
+    Dynamo keeps compiled versions per code object, at most `recompile_limit` (8) of them, and every
+    model shares its class's `forward`: a process that decoded a few models or batch sizes (a benchmark,
+    a server swapping models) would, from the ninth, silently run the compiled step eagerly (at fixed
+    shapes, slower than plain eager decoding). A copy per decoding view gives each model its own eight,
+    and they go away with the view.
+    """
+    function = type(module).forward
+    code = function.__code__.replace(co_name=f"{function.__name__}_decoding_{next(_view_numbers)}")
+    copy = types.FunctionType(
+        code, function.__globals__, code.co_name, function.__defaults__, function.__closure__
+    )
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return types.MethodType(copy, module)
 
 
 def check_prompt(model: Transformer, prompt: list[int], limit: int, name: str = "the prompt") -> None:
