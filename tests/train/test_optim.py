@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import subprocess
 import sys
 
 import pytest
@@ -104,3 +105,17 @@ def test_adamw8bit_without_bitsandbytes_or_torchao_is_a_one_line_error(monkeypat
     monkeypatch.setitem(sys.modules, "torchao.optim", None)
     with pytest.raises(ConfigError, match="bitsandbytes >= 0.50 or torchao"):
         build_optimizer(Transformer(get_preset("gpt2-tiny")), OptimSection(name="adamw8bit"))
+
+
+def test_adamw8bit_reaches_no_hub_and_logs_nothing_when_bitsandbytes_loads():
+    # On CPUs with AVX512-BF16, a plain `import bitsandbytes` asks the `kernels` package for a 4-bit
+    # matmul kernel from the Hugging Face Hub and logs a warning when that fails.
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.WARNING)\n"
+        "from fucina.train.optim import _adamw8bit_class\n"
+        "assert _adamw8bit_class().__module__.startswith('bitsandbytes')\n"
+        "assert 'kernels' not in sys.modules, 'the kernels package was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "kernels-community" not in done.stderr and "WARNING" not in done.stderr, done.stderr

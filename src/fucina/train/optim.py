@@ -20,6 +20,7 @@ Design choices:
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,9 +89,35 @@ def param_groups(model: nn.Module, section: OptimSection) -> list[dict[str, Any]
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
+def _import_bitsandbytes():
+    """bitsandbytes, imported without reaching the Hugging Face Hub.
+
+    On CPUs with AVX512-BF16 its import asks the `kernels` package to fetch a 4-bit matmul kernel from
+    the Hub (and logs a warning when that fails): code 8-bit AdamW never runs, and fucina downloads
+    nothing at run time. `kernels` is hidden for the import, so that lookup fails at once, quietly.
+    """
+    hidden = sys.modules.get("kernels", _ABSENT)
+    sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
+    cpu_ops_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops_log.level
+    cpu_ops_log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        cpu_ops_log.setLevel(level)
+        if hidden is _ABSENT:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = hidden
+    return bitsandbytes
+
+
+_ABSENT = object()
+
+
 def _adamw8bit_class() -> type[torch.optim.Optimizer]:
     try:
-        import bitsandbytes as bnb
+        bnb = _import_bitsandbytes()
 
         log.info("optimizer: 8-bit AdamW from bitsandbytes %s", bnb.__version__)
         return bnb.optim.AdamW8bit
