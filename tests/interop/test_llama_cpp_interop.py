@@ -6,6 +6,7 @@ Marked `interop` (make test-interop installs llama-cpp-python); CI does not run 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import lzma
 from pathlib import Path
@@ -83,6 +84,29 @@ def test_llama_cpp_logits_equal_fucina_logits(exported):
     with torch.no_grad():
         ours = source.model(torch.tensor([ids]))[0].numpy()
     assert np.abs(theirs - ours).max() < LOGIT_TOLERANCE[architecture]
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "ntk", "yarn"])
+def test_llama_cpp_computes_fucinas_scaled_rope_from_the_gguf_keys(tmp_path, rope_type):
+    # 90 positions, past the 24 the scaling stretches from: every scaling changes the logits there.
+    scaling = {"rope_type": rope_type, "factor": 4.0, "original_context_length": 24}
+    source = load_source(architecture_model_dir(tmp_path / "model", "llama", rope_scaling=scaling))
+    ids = sum((source.tokenizer.encode(text) for text in ITALIAN_SAMPLES), [])[:90]
+    llm = _load(
+        export_gguf(source, tmp_path / "model.gguf", quant="f32").path, logits_all=True, **F32_KV_CACHE
+    )
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    unscaled = Transformer(dataclasses.replace(source.model.config, rope_scaling=None)).eval()
+    unscaled.load_state_dict(source.model.state_dict())
+    with torch.no_grad():
+        ours = source.model(torch.tensor([ids]))[0].numpy()
+        plain = unscaled(torch.tensor([ids]))[0].numpy()
+    assert np.abs(plain - ours).max() > 100 * LOGIT_TOLERANCE["llama"]  # the scaling is really there
+    assert np.abs(theirs - ours).max() < LOGIT_TOLERANCE["llama"]
 
 
 def test_llama_cpp_greedy_continuation_equals_fucina_for_32_tokens(exported):
