@@ -8,6 +8,9 @@ as bench/quantize_speed.py does), in one run:
 - llama.cpp (llama-cpp-python on fucina's own GGUF exports) batch-1 tokens/s, prefill excluded as
   llama.cpp measures it, for f32, f16, q8_0 and q4_0, same threads, with bytes per token likewise;
 - fucina tokens/s at batch 8 and 32 (all rows decoding, compiled and eager);
+- what bounds a batch-1 step, per precision: the compiled weight products alone (the bytes each token
+  must read, at the kernels' own speed) against the whole compiled step, and an eager step's time by op
+  (torch.profiler);
 - bits per byte on held-out ELTeC text of every fucina precision and of every GGUF level (the GGUF
   blocks dequantized into fucina, interop/gguf_weights.py: the weights llama.cpp reads).
 llama.cpp is loaded with use_extra_bufts off: its AMX weight repacking crashes in llama-cpp-python
@@ -37,6 +40,7 @@ from quantize_speed import heldout, train_model
 from fucina.compress import quantize_model_dir
 from fucina.compress.quantized_layers import Int4Linear, Int8Linear
 from fucina.evaluate.intrinsic import evaluate_texts
+from fucina.inference.cpu_kernels import PackedLinear, decoding_view
 from fucina.inference.engine import Engine
 from fucina.inference.generate import SamplingConfig
 from fucina.interop.gguf import export_gguf
@@ -50,12 +54,15 @@ PAIRS = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}  # fucina
 GGUF_LEVELS = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")  # bits per byte of each
 
 
-def bandwidth(megabytes: int, repeats: int = 5) -> float:
-    """Bytes per second at which this machine reads a float32 tensor far larger than its caches."""
+def bandwidth(megabytes: int, repeats: int = 5) -> dict[str, float]:
+    """Bytes per second this machine moves through tensors far larger than its caches, two ways: a
+    float32 sum (bytes read) and a copy (bytes read + written). The larger is the ceiling used."""
     data = torch.ones(megabytes * 2**20 // 4)
-    data.sum()
-    best = min(_timed(data.sum) for _ in range(repeats))
-    return data.nbytes / best
+    target = torch.empty_like(data)
+    data.sum(), target.copy_(data)
+    read = data.nbytes / min(_timed(data.sum) for _ in range(repeats))
+    copy = 2 * data.nbytes / min(_timed(lambda: target.copy_(data)) for _ in range(repeats))
+    return {"sum_read": read, "copy_read_write": copy, "ceiling": max(read, copy)}
 
 
 def _timed(fn) -> float:
@@ -149,6 +156,53 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
 
 
+def weight_products(model: Transformer) -> list[torch.nn.Module]:
+    """The decoding view's weight products (packed float, int8, int4 layers), in model order."""
+    kinds = (PackedLinear, Int8Linear, Int4Linear)
+    return [m for m in decoding_view(model).module.modules() if isinstance(m, kinds)]
+
+
+@torch.inference_mode()
+def step_profile(model: Transformer, prompt: list[int], compiled_rate: float, bytes_per_token: int) -> dict:
+    """What bounds one batch-1 step: the compiled weight products alone against the whole compiled
+    step, and where an eager step spends its time (torch.profiler, ops by self CPU time)."""
+    layers = weight_products(model)
+    dtype = next(model.parameters()).dtype
+    rows = [torch.randn(1, 1, getattr(layer, "linear", layer).in_features, dtype=dtype) for layer in layers]
+    products = torch.compile(lambda xs: [layer(x) for layer, x in zip(layers, xs)], dynamic=False)
+    for _ in range(3):
+        products(rows)
+    products_s = min(_timed(lambda: products(rows)) for _ in range(30))
+    step_s = 1 / compiled_rate
+
+    length = model.config.context_length
+    engine = Engine(model, max_batch=1, max_length=length)
+    engine.add(prompt, SamplingConfig(max_new_tokens=min(40, length - len(prompt) - 1), greedy=True))
+    engine.step()
+    engine.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        steps = 0
+        while not engine.idle:
+            engine.step()
+            steps += 1
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return {
+        "compiled_step_ms": step_s * 1e3,
+        "compiled_products_only_ms": products_s * 1e3,
+        "products_share_of_step": products_s / step_s,
+        "products_bytes_per_second": bytes_per_token / products_s,
+        "eager_top_ops": [
+            {
+                "op": e.key,
+                "ms_per_step": e.self_cpu_time_total / steps / 1e3,
+                "share": e.self_cpu_time_total / total,
+            }
+            for e in events[:8]
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a trained LLaMA-style model or run directory (default: train one)")
@@ -167,8 +221,9 @@ def main() -> None:
         args.preset, args.train_steps, args.context, args.batches = "llama-tiny", 3, 64, [8]
         args.heldout_chars, args.new_tokens, args.repeats, args.bandwidth_mb = 5_000, 16, 0, 256
     torch.set_num_threads(args.threads)
-    measured_bandwidth = bandwidth(args.bandwidth_mb)
-    print(f"bandwidth: {measured_bandwidth / 1e9:.1f} GB/s", flush=True)
+    bandwidths = bandwidth(args.bandwidth_mb)
+    measured_bandwidth = bandwidths["ceiling"]
+    print(f"bandwidth: {measured_bandwidth / 1e9:.1f} GB/s ({bandwidths})", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -198,6 +253,9 @@ def main() -> None:
                     entry[f"tokens_per_second_batch{rows}_{mode}"] = decode_rate(
                         model, prompt, args.new_tokens, rows, compile, max(args.repeats - 1, 0)
                     )
+            entry["profile"] = step_profile(
+                model, prompt, entry["tokens_per_second_compiled"], entry["bytes_per_token"]
+            )
             fucina[name] = entry
             print(f"fucina {name}: {entry}", flush=True)
 
@@ -242,6 +300,7 @@ def main() -> None:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "bandwidth_bytes_per_second": measured_bandwidth,
+        "bandwidth_measures": bandwidths,
         "llama_cpp_weight_repacking": False,
         "targets": {"int8 / q8_0": 1.0, "int4 / q4_0": 1.0, "fp32 / f32": 0.9},
         "side_by_side": side_by_side,
