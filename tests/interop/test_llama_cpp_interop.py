@@ -25,7 +25,17 @@ from fucina.resources import builtin_chat_file, builtin_prose_files
 from fucina.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.interop
-llama_cpp = pytest.importorskip("llama_cpp")
+try:
+    import llama_cpp
+except ImportError:  # never a skip: `make test-interop` installs it, and without it these tests fail
+    llama_cpp = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_llama_cpp():  # module scope: before the module-scoped exports that load llama.cpp
+    if llama_cpp is None:
+        pytest.fail("llama-cpp-python is not installed: run `make test-interop` (it installs it)")
+
 
 F32_KV_CACHE = dict(type_k=0, type_v=0)  # GGML_TYPE_F32: llama.cpp's default f16 cache would round keys
 # (architecture name, overrides): tied head, biases (permuted with q/k) and a bias-less GPT-2 included.
