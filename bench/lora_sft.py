@@ -8,6 +8,7 @@ the held-out assistant bits per byte of the final weights (the SFT validation sp
 chat headers masked, so only the assistant's answers count).
 
     python bench/lora_sft.py --model runs/reference/llama-30m-pretrain --steps 300
+    python bench/lora_sft.py --model ... --steps 300 --ranks 16 --targets all-linear lm_head --no-full
     python bench/lora_sft.py --quick      # seconds: a tiny base pretrained on the spot, 6 steps each
 Results: bench/results/lora_sft.json (quick: lora_sft_quick.json).
 """
@@ -118,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-lr", type=float, default=3e-4, help="peak rate of full SFT")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="peak rate of the LoRA runs")
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument(
+        "--targets", nargs="+", default=["all-linear"], help="lora.targets, e.g. all-linear lm_head"
+    )
+    parser.add_argument(
+        "--no-full", action="store_true", help="LoRA runs only, added to the runs already in the JSON"
+    )
     parser.add_argument("--out", help="where the runs go (default: a temporary directory)")
     parser.add_argument("--quick", action="store_true", help="a tiny base and 6 steps: checks the script")
     args = parser.parse_args(argv)
@@ -130,21 +137,31 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--model is required (or --quick)")
             model, steps = resolve_model_dir(args.model), args.steps
             data = [str(p) for p in (args.data or DEFAULT_DATA)]
-        runs = [run_one("full", model, data, steps, args.full_lr, None, out, args.quick)]
+        runs = (
+            [] if args.no_full else [run_one("full", model, data, steps, args.full_lr, None, out, args.quick)]
+        )
+        extra = "".join(f"+{t}" for t in args.targets if t != "all-linear")
         for rank in args.ranks:
-            lora = {"rank": rank, "alpha": 2 * rank, "targets": "all-linear"}
-            runs.append(run_one(f"lora-r{rank}", model, data, steps, args.lora_lr, lora, out, args.quick))
+            lora = {"rank": rank, "alpha": 2 * rank, "targets": args.targets}
+            name = f"lora-r{rank}{extra}"
+            runs.append(run_one(name, model, data, steps, args.lora_lr, lora, out, args.quick))
+    path = RESULTS / ("lora_sft_quick.json" if args.quick else "lora_sft.json")
+    command = " ".join(["python", "bench/lora_sft.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.no_full and path.exists():  # keep the earlier runs, replacing any of the same name
+        earlier = json.loads(path.read_text())
+        names = {run["run"] for run in runs}
+        runs = [r for r in earlier["runs"] if r["run"] not in names] + runs
+        command = f"{earlier['command']}; {command}"
     report = {
         "benchmark": "LoRA vs full SFT at equal steps (issue 16, 6a)",
         "model": str(model) if not args.quick else "tiny base (--quick)",
         "data": data,
         "steps": steps,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
-        "command": " ".join(["python", "bench/lora_sft.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": command,
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("lora_sft_quick.json" if args.quick else "lora_sft.json")
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     for run in runs:
         print(
