@@ -89,6 +89,9 @@ def param_groups(model: nn.Module, section: OptimSection) -> list[dict[str, Any]
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
+_ABSENT = object()  # sys.modules had no entry (None there means a blocked import)
+
+
 def _import_bitsandbytes():
     """bitsandbytes, imported without reaching the Hugging Face Hub.
 
@@ -110,9 +113,6 @@ def _import_bitsandbytes():
         else:
             sys.modules["kernels"] = hidden
     return bitsandbytes
-
-
-_ABSENT = object()
 
 
 def _adamw8bit_class() -> type[torch.optim.Optimizer]:
