@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from fucina.evaluate.heldout import heldout_texts, resolve_data_dir, training_texts
 from fucina.evaluate.intrinsic import evaluate_texts
@@ -73,6 +74,9 @@ VARIANTS: dict[str, list[str]] = {
     "full": ["wsd", "curriculum", "averaging", "lerac", "adamw8bit", "phases"],
 }
 TWO_SEEDS = ("baseline", "full")
+# Variants that change only learning-rate numbers do the baseline's work per step: they take its speed
+# instead of a probe of their own, whose noise would give them a different step budget.
+LEARNING_RATE_ONLY = ("+wsd", "+lerac")
 # Elleci's claims, the variant that tests each, and how it was stated.
 CLAIMS = {
     "+curriculum": "sequence curriculum 256->512->1024: '17x early'",
@@ -190,14 +194,30 @@ def optimizer_memory(model: str, vocab: int) -> dict[str, int]:
 
 
 def _train(config: dict[str, Any], run: Path) -> dict[str, Any]:
-    result = train(config_from_dict(config), run, overwrite=True)
-    return {
+    result = train(config_from_dict(config), run, resume=False, overwrite=True)  # a fresh run, timed whole
+    record = {
         "steps": result.steps,
         "tokens": result.steps * config["train"]["batch_size"] * _context(config),
         "train_seconds": round(result.train_seconds, 2),
         "tokens_per_s": round(result.tokens_per_second, 1),
         "val_bpb": result.best_val_bpb,
     }
+    record.update(_last_evaluation(run))
+    return record
+
+
+def _last_evaluation(run: Path) -> dict[str, float]:
+    """The raw and averaged validation bpb of the run's last evaluation: with `publish: best` only the
+    better one is published, so both are kept to judge averaging on its own."""
+    metrics = run / "metrics.jsonl"
+    last: dict[str, float] = {}
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        entry = json.loads(line)
+        if "val_bpb" in entry:
+            last = {"raw_val_bpb": entry["val_bpb"]}
+            if "averaged_val_bpb" in entry:
+                last["averaged_val_bpb"] = entry["averaged_val_bpb"]
+    return last
 
 
 def _context(config: dict[str, Any]) -> int:
@@ -213,26 +233,32 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
         train_tokenizer(texts, 2048, template="chatml", show_progress=False).save(tokenizer_dir)
     budget = args.minutes_per_run * 60.0
     models = args.models.split(",")
-    runs: list[dict[str, Any]] = []
-    memory = {}
+    # Every finished run is appended to runs.jsonl in the work directory, and a rerun with the same
+    # --work skips it: hours of runs survive a time limit or a crash.
+    journal = work / "runs.jsonl"
+    runs: list[dict[str, Any]] = (
+        [json.loads(line) for line in journal.read_text().splitlines()] if journal.is_file() else []
+    )
+    done = {(r["model"], r["variant"], r["seed"], r["budget"]) for r in runs}
+    memory, probes = {}, {}
     for model in models:
         memory[model] = optimizer_memory(model, 2048)
-        speeds = {}
-        for variant in VARIANTS:  # seconds per step of each variant (a short probe run)
-            probe = run_config(model, variant, args.probe_steps, 0, tokenizer_dir, data_dir, args.quick)
-            probe["eval"]["every"] = 0
-            measured = _train(probe, work / "probe" / model / variant)
-            speeds[variant] = measured["train_seconds"] / measured["steps"]
+        speeds = _probe_speeds(model, args, tokenizer_dir, data_dir, work)
+        probes[model] = speeds
         base_steps = args.steps or max(10, int(budget / speeds["baseline"]))
         for variant in VARIANTS:
             steps_time = args.steps or max(10, int(budget / speeds[variant]))
+            # Within the probe's own noise of the baseline's speed, equal time is equal tokens.
+            same = abs(steps_time - base_steps) <= args.same_speed * base_steps
             budgets = (
-                {"time": steps_time}
-                if steps_time == base_steps
+                {"time": base_steps if same else steps_time}
+                if same
                 else {"time": steps_time, "tokens": base_steps}
             )
             for seed in (0, 1) if variant in TWO_SEEDS and not args.quick else (0,):
                 for kind, steps in budgets.items():
+                    if (model, variant, seed, kind) in done:
+                        continue
                     name = f"{model}/{variant}/seed{seed}/{kind}"
                     config = run_config(model, variant, steps, seed, tokenizer_dir, data_dir, args.quick)
                     started = time.perf_counter()
@@ -244,6 +270,8 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
                     record["wall_seconds"] = round(time.perf_counter() - started, 1)
                     record["equal_tokens_too"] = "tokens" not in budgets
                     runs.append(record)
+                    with journal.open("a") as out:
+                        out.write(json.dumps(record) + "\n")
                     print(json.dumps(record), file=sys.stderr, flush=True)
     return {
         "machine": _machine(),
@@ -251,9 +279,45 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
         "quick": args.quick,
         "variants": {k: v for k, v in VARIANTS.items()},
         "optimizer_memory_bytes": memory,
+        "probe_seconds_per_step": probes,
         "runs": runs,
         "claims": claims(runs, memory),
     }
+
+
+def _probe_speeds(
+    model: str, args: argparse.Namespace, tokenizer_dir: Path, data_dir: Path, work: Path
+) -> dict[str, float]:
+    """Seconds per optimizer step of each variant: the mean of a short run's step times after its first
+    few (start-up, allocation). The baseline is probed first and last and takes the mean of the two,
+    since every other variant's budget is set against it. Saved in the work directory, so that a
+    rerun plans the same steps."""
+    saved = work / "probe" / f"{model}.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    speeds: dict[str, Any] = {}
+    for number, variant in enumerate([*VARIANTS, "baseline"]):
+        if variant in LEARNING_RATE_ONLY:
+            continue
+        probe = run_config(model, variant, args.probe_steps, 0, tokenizer_dir, data_dir, args.quick)
+        probe["eval"]["every"] = 0
+        probe["log"]["every"] = 1
+        run = work / "probe" / model / f"{number}-{variant}"
+        _train(probe, run)
+        entries = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        tokens = probe["train"]["batch_size"] * _context(probe)
+        times = [tokens / e["tokens_per_s"] for e in entries if "tokens_per_s" in e]
+        seconds = statistics.fmean(times[min(4, len(times) - 1) :])
+        if variant == "baseline" and "baseline" in speeds:
+            speeds["baseline_probes"] = [speeds["baseline"], seconds]
+            seconds = statistics.fmean(speeds["baseline_probes"])
+        speeds[variant] = seconds
+        print(f"probe {model} {variant}: {seconds:.3f} s/step", file=sys.stderr, flush=True)
+    for variant in LEARNING_RATE_ONLY:
+        speeds[variant] = speeds["baseline"]
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(speeds))
+    return speeds
 
 
 def _mean_bpb(record: dict[str, Any]) -> float:
@@ -375,7 +439,9 @@ def context(args: argparse.Namespace) -> dict[str, Any]:
         config = run_config("elleci-tiny", "baseline", args.steps, 0, tokenizer_dir, data_dir, args.quick)
         train(config_from_dict(config), work / "base", overwrite=True)
         base_run = work / "base"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_pretrained(base_run)
+    model.to(device)
     old = model.config.context_length
     new = 2 * old
     rows = []
@@ -384,7 +450,7 @@ def context(args: argparse.Namespace) -> dict[str, Any]:
         overrides: dict[str, Any] = {"context_length": new}
         if kind not in ("none", "copy"):
             overrides["rope_scaling"] = {"rope_type": kind}
-        extended = model_with_overrides(copy.deepcopy(model), overrides)
+        extended = model_with_overrides(copy.deepcopy(model), overrides).to(device)
         row = {"scaling": kind, "old_length": old, "new_length": new}
         row["before_old"] = _bpb_at(extended, tokenizer, old, texts)
         row["before_new"] = _bpb_at(extended, tokenizer, new, texts)
@@ -394,16 +460,30 @@ def context(args: argparse.Namespace) -> dict[str, Any]:
         config.pop("tokenizer")
         config["init_from"] = str(base_run)
         config["model"] = overrides
-        config["train"]["batch_size"] = max(1, config["train"]["batch_size"] // 2)  # same tokens per step
         config["optim"]["lr"] = 3.0e-4
+        trained = base_run / "train_config.yaml"
+        if trained.is_file():  # a run of ours: fine-tune on its own data, from its final learning rate
+            base = yaml.safe_load(trained.read_text())
+            config["data"] = base["data"]
+            config["train"]["batch_size"] = base["train"]["batch_size"]
+            config["optim"]["lr"] = base["schedule"].get("min_lr") or config["optim"]["lr"]
+        config["schedule"]["min_lr"] = config["optim"]["lr"] / 10
+        config["train"]["batch_size"] = max(1, config["train"]["batch_size"] // 2)  # same tokens per step
         run = work / f"extend-{kind}"
         _train(config, run)
         tuned, _ = load_pretrained(run / "final")
+        tuned.to(device)
         row["after_old"] = _bpb_at(tuned, tokenizer, old, texts)
         row["after_new"] = _bpb_at(tuned, tokenizer, new, texts)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    return {"machine": _machine(), "model": str(args.model or "elleci-tiny (trained here)"), "rows": rows}
+    return {
+        "machine": _machine(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "model": str(args.model or "elleci-tiny (trained here)"),
+        "finetune_steps": args.finetune_steps,
+        "rows": rows,
+    }
 
 
 # --- tables -----------------------------------------------------------------------------------------------
@@ -449,7 +529,13 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: elleci-tiny,llama-dense")
     parser.add_argument("--steps", type=int, help="fixed steps for every run instead of the time budget")
     parser.add_argument(
-        "--probe-steps", type=int, default=10, help="steps of the speed probe of each variant"
+        "--probe-steps", type=int, default=24, help="steps of the speed probe of each variant"
+    )
+    parser.add_argument(
+        "--same-speed",
+        type=float,
+        default=0.1,
+        help="variants whose step budget is within this fraction of the baseline's run once, at its steps",
     )
     parser.add_argument("--heldout-chars", type=int, default=200_000, help="held-out characters per source")
     parser.add_argument("--model", help="context: the trained run or model directory to extend")
@@ -464,7 +550,7 @@ def main() -> None:
         return
     if args.quick:
         args.models = "llama-dense" if args.mode == "ablation" else args.models
-        args.steps, args.probe_steps, args.heldout_chars = args.steps or 4, 2, 2000
+        args.steps, args.probe_steps, args.heldout_chars = args.steps or 4, 4, 2000
         args.finetune_steps = 2
     if args.mode == "context":
         args.steps = args.steps or 200
