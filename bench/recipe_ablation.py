@@ -360,6 +360,13 @@ def claims(runs: list[dict[str, Any]], memory: dict[str, Any]) -> dict[str, Any]
                 entry["beyond_noise"] = abs(deltas["time"]) > noise
                 entry["supported"] = deltas["time"] < -noise
             model_claims[variant] = entry
+        averaged = [
+            r["averaged_val_bpb"] - r["raw_val_bpb"]
+            for r in mine
+            if r["variant"] == "+averaging" and "averaged_val_bpb" in r
+        ]
+        if averaged:  # the averaged weights against the raw ones of the same run, on validation
+            model_claims["+averaging"]["averaged_minus_raw_val_bpb"] = round(statistics.fmean(averaged), 4)
         saved = memory[model]
         model_claims["+adamw8bit"]["optimizer_memory_change"] = round(
             saved["adamw8bit"] / saved["adamw"] - 1, 3
@@ -445,15 +452,18 @@ def context(args: argparse.Namespace) -> dict[str, Any]:
     old = model.config.context_length
     new = 2 * old
     rows = []
-    kinds = ["copy"] if model.config.positions == "learned" else ["none", "linear", "ntk", "yarn"]
+    # "control": the same fine-tune at the old length, so that the gain of the extra steps themselves
+    # is told apart from the model learning the new length.
+    scalings = ["copy"] if model.config.positions == "learned" else ["none", "linear", "ntk", "yarn"]
+    kinds = ["control", *scalings]
     for kind in kinds:
-        overrides: dict[str, Any] = {"context_length": new}
-        if kind not in ("none", "copy"):
+        overrides: dict[str, Any] = {} if kind == "control" else {"context_length": new}
+        if kind not in ("none", "copy", "control"):
             overrides["rope_scaling"] = {"rope_type": kind}
         extended = model_with_overrides(copy.deepcopy(model), overrides).to(device)
-        row = {"scaling": kind, "old_length": old, "new_length": new}
+        row: dict[str, Any] = {"scaling": kind, "old_length": old, "new_length": new}
         row["before_old"] = _bpb_at(extended, tokenizer, old, texts)
-        row["before_new"] = _bpb_at(extended, tokenizer, new, texts)
+        row["before_new"] = None if kind == "control" else _bpb_at(extended, tokenizer, new, texts)
         config = run_config(
             "elleci-tiny", "baseline", args.finetune_steps, 0, Path("."), data_dir, args.quick
         )
@@ -468,13 +478,14 @@ def context(args: argparse.Namespace) -> dict[str, Any]:
             config["train"]["batch_size"] = base["train"]["batch_size"]
             config["optim"]["lr"] = base["schedule"].get("min_lr") or config["optim"]["lr"]
         config["schedule"]["min_lr"] = config["optim"]["lr"] / 10
-        config["train"]["batch_size"] = max(1, config["train"]["batch_size"] // 2)  # same tokens per step
+        if kind != "control":  # same tokens per step at twice the length
+            config["train"]["batch_size"] = max(1, config["train"]["batch_size"] // 2)
         run = work / f"extend-{kind}"
         _train(config, run)
         tuned, _ = load_pretrained(run / "final")
         tuned.to(device)
         row["after_old"] = _bpb_at(tuned, tokenizer, old, texts)
-        row["after_new"] = _bpb_at(tuned, tokenizer, new, texts)
+        row["after_new"] = None if kind == "control" else _bpb_at(tuned, tokenizer, new, texts)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return {
@@ -520,6 +531,25 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def context_table(results: dict[str, Any]) -> str:
+    """The context-extension table of docs/recipe.md, in Markdown."""
+    rows = results["rows"]
+    old, new = rows[0]["old_length"], rows[0]["new_length"]
+    lines = [
+        f"| scaling | before, {old} | before, {new} | after, {old} | after, {new} |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        name = {
+            "none": "none (extrapolation)",
+            "copy": "copied table",
+            "control": f"control: fine-tuned at {old}",
+        }.get(r["scaling"], r["scaling"])
+        cells = [r[k] for k in ("before_old", "before_new", "after_old", "after_new")]
+        lines.append(f"| {name} | " + " | ".join("–" if c is None else f"{c:.4f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -547,6 +577,9 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     if args.mode == "table":
         print(table(json.loads((RESULTS / "recipe_ablation.json").read_text())))
+        context_file = RESULTS / "recipe_ablation_context.json"
+        if context_file.is_file():
+            print("\n" + context_table(json.loads(context_file.read_text())))
         return
     if args.quick:
         args.models = "llama-dense" if args.mode == "ablation" else args.models
