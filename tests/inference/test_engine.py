@@ -115,6 +115,30 @@ def test_compiled_engine_lets_a_request_join_like_the_eager_one():
     assert compiled == eager
 
 
+@pytest.mark.parametrize("architecture", ["gqa-rope-llama", "mla"])
+def test_compiled_rows_attend_a_window_that_grows_with_the_sequences(architecture):
+    # max_length 200: windows of 64, 128 and then every slot, each one compilation; the tokens stay
+    # those of eager decoding (which attends exactly the filled slots) across both switches.
+    model = tiny_model(context_length=200, **ARCHITECTURES[architecture])
+    joining = {
+        0: (PROMPTS[0], SamplingConfig(max_new_tokens=140, greedy=True)),
+        5: (PROMPTS[2], SamplingConfig(max_new_tokens=60, greedy=True)),
+    }
+    engine = Engine(model, max_batch=2, max_length=200, compile=True)
+    windows, step = [], engine.forward
+
+    def recording_step(ids, cache, **kwargs):
+        windows.append(cache.max_length)
+        return step(ids, cache, **kwargs)
+
+    engine.forward = recording_step
+    compiled, _ = run(engine, joining)
+    eager, _ = run(Engine(model, max_batch=2, max_length=200), joining)
+    assert compiled == eager
+    assert sorted(set(windows)) == [64, 128, 200]
+    assert windows == sorted(windows)
+
+
 def test_each_models_compiled_steps_have_their_own_recompile_budget():
     # Dynamo keeps at most `recompile_limit` compiled versions per code object; with a limit of 1 and
     # an error when it is hit, a second model of another shape sharing the class's forward would raise.

@@ -20,7 +20,11 @@ Design choices:
 - Decoding runs the model's decoding view (inference/cpu_kernels.py: packed weights, one-query
   attention kernels), never the model itself, under torch.inference_mode.
 - `compile=True` runs each step through torch.compile: the shapes never change (every row, every slot,
-  per-row lengths as a tensor), so one compilation serves the whole run. Prompts are still prefilled
+  per-row lengths as a tensor), so one compilation serves the whole run. With several rows, a step
+  attends only a window of the cache's first slots (the filled ones rounded up to a power of two, from
+  max(64, max_length / 64)): attending all of a server's slots would read more keys and values per
+  step than the weights of a small model. Each window compiles once (at most 7); at one row the
+  cache is a small part of what a step reads, so the whole cache stays one compilation. Prompts are still prefilled
   eagerly. At batch 1 a small model's step is a few hundred tiny kernels whose dispatch costs more
   than their arithmetic; compiled, they fuse into a few dozen, and on CPU the one-row products and the
   one-query attention become inductor's own loops (cpu_kernels.py). Compiling takes tens of seconds
@@ -144,6 +148,8 @@ class Engine:
         step = compiled_forward(self.view, model) if compile else None
         self.fixed_shapes = step is not None  # per-row lengths always: the compiled step never reshapes
         self.forward = step if step is not None else self.view.module
+        # Compiled steps of several rows attend a window of the cache's first slots, not all of them.
+        self.smallest_window = max(64, self.max_length >> 6) if step is not None and max_batch > 1 else None
         self.device = model.token_embedding.weight.device
         with torch.inference_mode():
             self.cache = model.new_cache(max_batch, max_length=self.max_length)
@@ -276,6 +282,8 @@ class Engine:
             self.lengths[request.row] += 1
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)  # (top, 1)
         cache = self.cache if top == len(self.rows) else self.cache.first_rows(top)
+        if self.smallest_window is not None:
+            cache = cache.first_slots(self._window())
         logits = self.forward(ids, cache, last_only=True)[:, -1]  # (top, vocab)
         if cache is not self.cache and cache.length is not None:
             self.cache.length = cache.length  # a common length is a number: copy it back
@@ -289,6 +297,14 @@ class Engine:
         for request in feeding:
             if request.logprobs is not None:  # most requests never ask: no per-row slicing for them
                 self._note_logprobs(request, logits[request.row : request.row + 1])
+
+    def _window(self) -> int:
+        """The slots a compiled step attends: the filled ones rounded up to a power of two times the
+        smallest window, at most max_length. Each window is one more compilation (at most 7 of them)."""
+        window, needed = self.smallest_window, max(self.lengths)
+        while window < needed:
+            window *= 2
+        return min(window, self.max_length)
 
     def _tell_cache_the_lengths(self) -> None:
         """One common length when the running rows agree (eager only), else per-row lengths."""

@@ -76,6 +76,12 @@ class LayerKV:
         self.keys[row, :, :length] = source.keys[0, :, :length]
         self.values[row, :, :length] = source.values[0, :, :length]
 
+    def first_slots(self, count: int) -> LayerKV:
+        """A view of slots 0..count-1 of every row, sharing the buffers (see KVCache.first_slots)."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, :, :count], self.values[:, :, :count]
+        return view
+
 
 class KVCache:
     """The per-layer caches of one model for one batch, plus the per-row slot bookkeeping."""
@@ -139,6 +145,17 @@ class KVCache:
         view.lengths = self.lengths[:count]
         view.in_use = None if self.in_use is None else self.in_use[:count]
         view.pad_lengths = None if self.pad_lengths is None else self.pad_lengths[:count]
+        return view
+
+    def first_slots(self, count: int) -> KVCache:
+        """A view of slots 0..count-1 of every row that shares every buffer and the per-row lengths.
+
+        For per-row steps, which attend every slot with a mask: over this view they attend `count`
+        slots instead of `max_length` (every row's filled slots and the new ones must fit in `count`).
+        """
+        view = copy.copy(self)
+        view.layers = [layer.first_slots(count) for layer in self.layers]
+        view.max_length = count
         return view
 
     def reset(self) -> None:

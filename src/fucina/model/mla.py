@@ -25,6 +25,7 @@ Design choices (DeepSeek-V2's layout and names):
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +74,12 @@ class LatentKV:
         """Row `row` takes the first `length` slots of row 0 of `source` (a prompt prefilled alone)."""
         self.latents[row, :length] = source.latents[0, :length]
         self.rope_keys[row, :length] = source.rope_keys[0, :length]
+
+    def first_slots(self, count: int) -> LatentKV:
+        """A view of slots 0..count-1 of every row, sharing the buffers (see KVCache.first_slots)."""
+        view = copy.copy(self)
+        view.latents, view.rope_keys = self.latents[:, :count], self.rope_keys[:, :count]
+        return view
 
 
 class LatentAttention(nn.Module):
