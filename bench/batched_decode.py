@@ -20,38 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
+from decode_speed import decode_rate
 
 from fucina.compress.quantize import quantize_model
-from fucina.inference.engine import Engine
-from fucina.inference.generate import SamplingConfig
 from fucina.model.config import ModelConfig
 from fucina.model.transformer import Transformer
 from fucina.model_dir import load_pretrained
 
 RESULTS = Path(__file__).parent / "results"
 MODES = {"eager": (False, True), "compiled, every slot": (True, False), "compiled, window": (True, True)}
-
-
-def rate(model, prompt: list[int], rows: int, new_tokens: int, compile: bool, window: bool, repeats: int):
-    """Best tokens/s of `rows` greedy rows over `repeats` runs after one warm-up (which compiles)."""
-    sampling = SamplingConfig(max_new_tokens=new_tokens, greedy=True)
-    best = 0.0
-    for _ in range(repeats + 1):
-        engine = Engine(model, max_batch=rows, compile=compile)  # the cache: the model's whole context
-        if not window:
-            engine.smallest_window = None
-        for _ in range(rows):
-            engine.add(prompt, sampling)
-        engine.step()  # prefill and the first token
-        produced, start = 0, time.perf_counter()
-        while not engine.idle:
-            produced += sum(event.token is not None for event in engine.step())
-        best = max(best, produced / (time.perf_counter() - start))
-    return round(best, 1)
 
 
 def main() -> None:
@@ -90,7 +70,16 @@ def main() -> None:
         results["context"] = model.config.context_length
         prompt = list(range(1, 33))
         entry = {
-            mode: rate(model, prompt, args.rows, args.new_tokens, compile, window, args.repeats)
+            mode: decode_rate(
+                model,
+                prompt,
+                args.new_tokens,
+                args.rows,
+                compile,
+                args.repeats,
+                max_length=model.config.context_length,  # a server's cache: the whole context
+                window=window,
+            )
             for mode, (compile, window) in MODES.items()
         }
         results["tokens_per_second"][name] = entry

@@ -87,13 +87,29 @@ def weight_bytes_per_token(model: Transformer) -> int:
     return total
 
 
-def decode_rate(model, prompt: list[int], new_tokens: int, rows: int, compile: bool, repeats: int) -> float:
-    """Tokens/s of `rows` greedy rows decoding together, prefill (the first step) excluded."""
+def decode_rate(
+    model,
+    prompt: list[int],
+    new_tokens: int,
+    rows: int,
+    compile: bool,
+    repeats: int,
+    max_length: int | None = None,
+    window: bool = True,
+) -> float:
+    """Tokens/s of `rows` greedy rows decoding together, prefill (the first step) excluded.
+
+    The cache holds `max_length` slots (default: what the rows need, rounded up to a power of two);
+    `window=False` makes compiled steps of several rows attend every slot (the engine before its window).
+    """
     sampling = SamplingConfig(max_new_tokens=new_tokens, greedy=True)
-    length = min(model.config.context_length, max(128, 1 << (len(prompt) + new_tokens - 1).bit_length()))
+    needed = 1 << (len(prompt) + new_tokens - 1).bit_length()
+    length = max_length or min(model.config.context_length, max(128, needed))
     best = 0.0
     for _ in range(repeats + 1):  # the first run warms up (and compiles)
         engine = Engine(model, max_batch=rows, max_length=length, compile=compile)
+        if not window:
+            engine.smallest_window = None
         for _ in range(rows):
             engine.add(prompt, sampling)
         engine.step()  # admits the rows (prefill) and decodes their first token

@@ -13,12 +13,13 @@ baseline and the full recipe run with two seeds: their spread is the noise each 
 context: context extension after training (issue 17 req. 7). A trained model (--model, or a short run
 trained here) is extended to twice its context with each RoPE scaling (or, for learned positions, the
 copied table); held-out bits per byte at the old and the new length, before and after a short fine-tune
-at the new length.
+at the new length (on a run's own data, when --model is a run of ours). A control row fine-tunes the
+same steps at the old length.
 
 table: the Markdown tables of docs/recipe.md from the JSON.
 
-    python bench/recipe_ablation.py ablation --minutes-per-run 6          # the lead's full run (~3 h)
-    python bench/recipe_ablation.py context --model runs/elleci-tiny --steps 200
+    python bench/recipe_ablation.py ablation --minutes-per-run 2.5 --work runs/bench-ablation  # 72 min
+    python bench/recipe_ablation.py context --model runs/reference/llama-30m-pretrain --finetune-steps 200
     python bench/recipe_ablation.py table                                 # tables for docs/recipe.md
     python bench/recipe_ablation.py ablation --quick                      # < 1 min: the script works
 Results: bench/results/recipe_ablation.json (+ _context), docs/images/recipe_ablation.png; quick: *_quick.
@@ -250,11 +251,7 @@ def ablation(args: argparse.Namespace) -> dict[str, Any]:
             steps_time = args.steps or max(10, int(budget / speeds[variant]))
             # Within the probe's own noise of the baseline's speed, equal time is equal tokens.
             same = abs(steps_time - base_steps) <= args.same_speed * base_steps
-            budgets = (
-                {"time": base_steps if same else steps_time}
-                if same
-                else {"time": steps_time, "tokens": base_steps}
-            )
+            budgets = {"time": base_steps} if same else {"time": steps_time, "tokens": base_steps}
             for seed in (0, 1) if variant in TWO_SEEDS and not args.quick else (0,):
                 for kind, steps in budgets.items():
                     if (model, variant, seed, kind) in done:

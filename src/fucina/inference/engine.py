@@ -24,13 +24,13 @@ Design choices:
   attends only a window of the cache's first slots (the filled ones rounded up to a power of two, from
   max(64, max_length / 64)): attending all of a server's slots would read more keys and values per
   step than the weights of a small model. Each window compiles once (at most 7); at one row the
-  cache is a small part of what a step reads, so the whole cache stays one compilation. Prompts are still prefilled
-  eagerly. At batch 1 a small model's step is a few hundred tiny kernels whose dispatch costs more
-  than their arithmetic; compiled, they fuse into a few dozen, and on CPU the one-row products and the
-  one-query attention become inductor's own loops (cpu_kernels.py). Compiling takes tens of seconds
-  once per process and shape (inductor's disk cache shortens later runs), so it pays off for long
-  generations, chat sessions and servers; a model with a mixer that cannot decode at fixed shapes
-  (Mamba) decodes eagerly, with a warning.
+  cache is a small part of what a step reads, so the whole cache stays one compilation. Prompts are
+  still prefilled eagerly. At batch 1 a small model's step is a few hundred tiny kernels whose
+  dispatch costs more than their arithmetic; compiled, they fuse into a few dozen, and on CPU the
+  one-row products and the one-query attention become inductor's own loops (cpu_kernels.py).
+  Compiling takes tens of seconds once per process and shape (inductor's disk cache shortens later
+  runs), so it pays off for long generations, chat sessions and servers; a model with a mixer that
+  cannot decode at fixed shapes (Mamba) decodes eagerly, with a warning.
 - The host learns each step's tokens (it must, to report them), one synchronisation per step.
 - `add(..., logprobs=k)` asks for the log-probability of each reported token under the model's own
   distribution (before penalties, temperature and filters, as OpenAI's API reports them) and the `k`
