@@ -70,15 +70,18 @@ def main() -> None:
         results["context"] = model.config.context_length
         prompt = list(range(1, 33))
         entry = {
-            mode: decode_rate(
-                model,
-                prompt,
-                args.new_tokens,
-                args.rows,
-                compile,
-                args.repeats,
-                max_length=model.config.context_length,  # a server's cache: the whole context
-                window=window,
+            mode: round(
+                decode_rate(
+                    model,
+                    prompt,
+                    args.new_tokens,
+                    args.rows,
+                    compile,
+                    args.repeats,
+                    max_length=model.config.context_length,  # a server's cache: the whole context
+                    window=window,
+                ),
+                1,
             )
             for mode, (compile, window) in MODES.items()
         }
