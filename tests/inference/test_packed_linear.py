@@ -127,3 +127,20 @@ def test_compiled_one_row_product_equals_the_exact_one(dtype):
     exact = F.linear(x.float(), linear.weight.float(), bias)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: its final rounding only
     torch.testing.assert_close(out.float(), exact, atol=tolerance, rtol=tolerance)
+
+
+@torch.inference_mode()
+def test_compiled_one_row_product_reads_its_input_once_normalised():
+    # Fused into the product, the normalisation (and the residual sums before it) would be recomputed
+    # for each of the weight's rows: the loop over the rows must read a stored input, not a sqrt of it.
+    from torch._inductor.utils import run_and_get_code
+
+    from fucina.model.norms import RMSNorm
+
+    norm, layer = RMSNorm(48), packed(torch.nn.Linear(48, 80, bias=False))
+    step = torch.compile(lambda x, h: layer(norm(x + h)), dynamic=False)
+    _, sources = run_and_get_code(step, torch.randn(1, 1, 48), torch.randn(1, 1, 48))
+    code = "\n".join(sources)
+    rows_loop = code.index("x0<static_cast<int64_t>(80L)")
+    body = code[rows_loop : code.index("tmp_acc0)", rows_loop)]  # up to the row's stored sum
+    assert "sqrt" in code and "sqrt" not in body

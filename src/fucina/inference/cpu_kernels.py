@@ -90,8 +90,11 @@ def row_times_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     Only for torch.compile: inductor turns it into its own vectorised, parallel loop over the weight's
     rows (the product is never materialised), with no library call around it; eagerly it would build
-    the whole (out, in) product.
+    the whole (out, in) product. `as_strided` makes inductor store the row once (its lowering realises
+    its input): fused into the loop, the norm before it (a square root, and the residual sums before
+    that) would be recomputed for every row of the weight.
     """
+    x = x.as_strided(x.shape, x.stride())
     y = (x.unsqueeze(-2).float() * weight.float()).sum(-1)
     if bias is not None:
         y = y + bias.float()
