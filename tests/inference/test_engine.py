@@ -139,6 +139,20 @@ def test_compiled_rows_attend_a_window_that_grows_with_the_sequences(architectur
     assert windows == sorted(windows)
 
 
+def test_a_compiled_step_does_not_recheck_its_inputs_sizes_on_every_call():
+    # Dynamo's guards check them already; the wrapper's own checks cover every weight, every step.
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model(**VARIANTS["gqa-rope-llama"])
+    greedy = {0: (PROMPTS[0], SamplingConfig(max_new_tokens=3, greedy=True))}
+    (compiled, _), sources = run_and_get_code(
+        run, Engine(model, max_batch=1, max_length=16, compile=True), greedy
+    )
+    assert list(compiled.values()) == [greedy_by_recomputation(model, PROMPTS[0], 3)]
+    wrapper = "\n".join(sources)
+    assert "def call(" in wrapper and "assert_size_stride(" not in wrapper
+
+
 def test_each_models_compiled_steps_have_their_own_recompile_budget():
     # Dynamo keeps at most `recompile_limit` compiled versions per code object; with a limit of 1 and
     # an error when it is hit, a second model of another shape sharing the class's forward would raise.

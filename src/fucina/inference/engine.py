@@ -84,6 +84,12 @@ class _Request:
     next_logprobs: tuple[float | None, tuple[tuple[int, float], ...]] = (None, ())
 
 
+# Without size_asserts the compiled wrapper no longer checks the sizes and strides of its inputs (every
+# weight) on each call, which dynamo's guards have already checked: at batch 1 a small model's step is
+# short enough for those checks to count (docs/quantize.md).
+COMPILE_OPTIONS = {"size_asserts": False}
+
+
 def compiled_forward(view: DecodingView, model: Transformer) -> Callable | None:
     """torch.compile of the view's forward for fixed-shape steps (one per model, reused).
 
@@ -96,7 +102,9 @@ def compiled_forward(view: DecodingView, model: Transformer) -> Callable | None:
         log.warning("compiled decoding does not support %s layers: decoding eagerly", ", ".join(unsupported))
         return None
     if view.compiled_forward is None:
-        view.compiled_forward = torch.compile(forward_of_its_own(view.module), dynamic=False)
+        view.compiled_forward = torch.compile(
+            forward_of_its_own(view.module), dynamic=False, options=COMPILE_OPTIONS
+        )
     return view.compiled_forward
 
 
